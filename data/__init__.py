@@ -1,0 +1,1 @@
+"""Data: synthetic image-caption world, webdataset loader, transforms, tokenizers."""

@@ -1,0 +1,1 @@
+"""Evaluation harness (linear probe, kNN, zero-shot, embedding analysis) -- see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""Loss math: plain PyTorch references (and, later, fused kernels) selected by config."""

@@ -1,0 +1,1 @@
+"""Entry points: pretrain, diff_configs, bench, demo."""

@@ -1,0 +1,1 @@
+"""Converters that load foreign checkpoints (open_clip, ...) into clipdino models."""

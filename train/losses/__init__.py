@@ -1,0 +1,1 @@
+"""Loss modules that own their distributed communication; the math lives in kernels/."""

@@ -1,0 +1,75 @@
+"""The interface every pretraining objective implements; the trainer knows nothing else.
+
+An objective owns a `student` (the module DeepSpeed trains), its loss modules, and any extra
+state (an EMA teacher, a DINO centre). Each step the trainer calls
+
+    out = objective.compute_loss(engine, batch, step)   # engine: the DeepSpeed-wrapped student
+    engine.backward(out["loss"]); engine.step()
+    objective.after_step(step)                          # EMA update, ...
+
+`compute_loss` returns "loss" plus any "loss/..." and "metric/..." scalars to log.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from data.loader import Batch, SampleProcessor
+from train.optim import cosine  # noqa: F401  (schedules of objectives)
+
+
+class Objective(ABC):
+    name: str = ""
+    student: nn.Module
+
+    def __init__(self, cfg, steps_per_epoch: int, total_steps: int):
+        self.cfg = cfg
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.total_steps = max(int(total_steps), 1)
+
+    @abstractmethod
+    def compute_loss(self, student: Callable, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Forward the batch through `student` (the engine) and return the loss dict."""
+
+    @abstractmethod
+    def data_processor(self) -> SampleProcessor:
+        """How raw samples become tensors for this objective (views, crops, tokens)."""
+
+    @abstractmethod
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per image (forward + backward of trained parts, forward of the rest)."""
+
+    @abstractmethod
+    def export(self) -> tuple[nn.Module, str, dict[str, Any]]:
+        """(module, kind, config) written to export/step_NNNNNNN/: kind 'vit' or 'clip'."""
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Called after every optimizer step (skipped steps too: schedules stay on the step clock)."""
+        return {}
+
+    def lr_scale(self, group_name: str, step: int) -> float:
+        """Per-group LR multiplier (DINO holds its last layer at 0 during the first epoch)."""
+        return 1.0
+
+    def no_weight_decay_names(self) -> set[str]:
+        fn = getattr(self.student, "no_weight_decay", None)
+        return set(fn()) if fn else set()
+
+    def group_of(self, param_name: str) -> str:
+        """Optimizer group name for a parameter beyond decay/no-decay ('' = the default groups)."""
+        return ""
+
+    def to(self, device: torch.device) -> "Objective":
+        self.student.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state saved in checkpoints beside the engine's (teacher, centre, ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
