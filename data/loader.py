@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import webdataset
 from PIL import Image
@@ -103,11 +104,8 @@ class SampleProcessor:
         return out
 
 
-def _to_rgb_array(im: Image.Image):
-    import numpy as np
-
-    im.draft("RGB", im.size)  # no-op for full-size decoding; keeps JPEG decoding on the fast path
-    return np.asarray(im.convert("RGB"))
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    return np.array(im.convert("RGB"))  # (H, W, 3) uint8, a writable copy
 
 
 class SampleError(Exception):

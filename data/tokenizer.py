@@ -9,7 +9,6 @@ Ids are fixed: pad=0, unk=1, bos=2, eos=3. Text is NFKC-normalised and lower-cas
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from braceexpand import braceexpand
+
+from data.shards import DataError, expand_shards
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NORMALIZATION_RULE = "nmt_nfkc_cf"  # NFKC + case folding
@@ -48,16 +48,6 @@ def train_tokenizer(captions: Iterable[str], out_prefix: str, vocab_size: int = 
         raise ValueError(f"sentencepiece training failed (vocab_size={vocab_size}, "
                          f"{len(lines)} captions): {error}") from None
     return f"{out_prefix}.model"
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Shard paths from a brace pattern (`dir/train-{000000..000003}.tar`) or a glob."""
-    paths = list(braceexpand(pattern)) if "{" in pattern else sorted(glob.glob(pattern))
-    missing = [p for p in paths if not Path(p).is_file()]
-    if not paths or missing:
-        raise FileNotFoundError(f"no shard files match {pattern!r}" if not paths
-                                else f"missing shard file(s): {', '.join(missing[:3])}")
-    return paths
 
 
 def read_captions(shards: Sequence[str]) -> Iterator[str]:
@@ -158,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer = CaptionTokenizer(args.model, args.context_length)
             for row in tokenizer.encode(args.text):
                 print(" ".join(str(i) for i in row[row != tokenizer.pad_id].tolist()))
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, DataError) as error:
         raise SystemExit(f"{parser.prog}: error: {error}") from None
 
 

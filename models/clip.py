@@ -26,9 +26,10 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
         nn.init.normal_(self.visual_proj.weight, std=visual.width ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=text.width ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))  # log of the temperature's inverse
+        # shape (1,), not (): DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))  # log(1 / temperature)
         self.max_logit_scale = max_logit_scale
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        self.logit_bias = nn.Parameter(torch.full((1,), float(init_logit_bias))) if init_logit_bias is not None else None
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.visual_proj(self.visual(images))  # (B, E)
@@ -41,12 +42,13 @@ class CLIP(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at max_logit_scale (gradient stops at the clamp)."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)[0]
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         return {"image_features": self.encode_image(images), "text_features": self.encode_text(tokens, attention_mask),
-                "logit_scale": self.scale(), "logit_bias": self.logit_bias}
+                "logit_scale": self.scale(),
+                "logit_bias": None if self.logit_bias is None else self.logit_bias[0]}
 
     def no_weight_decay(self) -> set[str]:
         names = {"logit_scale", "logit_bias"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from data import synthetic as syn
+from data.shards import DataError
 from data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, CaptionTokenizer, expand_shards,
                             read_captions, train_tokenizer)
 
@@ -44,9 +45,9 @@ def test_captions_come_from_shards_in_order(world_dir, captions):
     assert expand_shards(str(world_dir / "train-*.tar")) == brace and len(brace) == 4
     _, first_caption, _ = syn.make_sample(0, "train", 0, 32)
     assert captions[0] == first_caption
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError):
         expand_shards(str(world_dir / "nothing-*.tar"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError):
         expand_shards(str(world_dir / "train-{000000..000009}.tar"))
 
 

@@ -18,7 +18,7 @@ class RunConfig:
 
 @dataclass
 class VisionConfig:
-    size: str = "tiny"  # tiny | small | base | large (see models/vit.py VIT_SIZES)
+    size: str = "tiny"  # micro | tiny | small | base | large | huge (models/vit.py VIT_SIZES)
     patch_size: int = 16
     image_size: int = 224
     drop_path: float = 0.0
@@ -185,7 +185,7 @@ class PretrainConfig:
 OBJECTIVES = ("clip", "siglip", "dino", "clip_frozen_text", "hybrid")
 CHOICES = {
     "objective.name": OBJECTIVES,
-    "model.vision.size": ("tiny", "small", "base", "large"),
+    "model.vision.size": ("micro", "tiny", "small", "base", "large", "huge"),
     "model.vision.attn_backend": ("sdpa", "flash"),
     "model.frozen_text.pooling": ("mean", "cls"),
     "loss.impl": ("torch", "triton"),

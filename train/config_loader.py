@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -162,7 +163,7 @@ def _scalar(tp: Any, value: Any, key: str) -> Any:
             return float(value)
     elif tp is str:
         if isinstance(value, str):
-            return value
+            return os.path.expandvars(value)  # ${DATACOMP_DIR}/... in shipped configs
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     else:

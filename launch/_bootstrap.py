@@ -1,0 +1,7 @@
+"""Make `python launch/x.py` work from a checkout without installation (repo root on sys.path)."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
