@@ -148,9 +148,10 @@ class ShardStream(IterableDataset):
                     continue
                 if len(items) == self.batch_size:
                     batch = self.processor.collate(items)
-                    batch.update(worker=worker, position=(pass_index, index + 1), skipped=skipped)
+                    batch.update(worker=worker, position=(pass_index, index + 1), skipped=dict(skipped))
+                    items = []
+                    skipped.clear()  # the same dict the shard reader counts into
                     yield batch
-                    items, skipped = [], {}
             empty_passes = 0 if produced or offset else empty_passes + 1
             if empty_passes >= MAX_EMPTY_PASSES:
                 raise DataError(f"rank {self.rank} loader worker {worker}: {MAX_EMPTY_PASSES} passes over its shards "
@@ -164,7 +165,8 @@ class ShardStream(IterableDataset):
                                  self.resampled)
 
         def on_error(exn: Exception) -> bool:
-            _count_bad(skipped, "unreadable_shard", {"__key__": "", "__url__": str(exn.args[-1:])}, exn)
+            url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in shards), "?")
+            _count_bad(skipped, "unreadable_shard", {"__key__": None, "__url__": url}, exn.args[0] if exn.args else exn)
             return True  # skip and continue with the next file / shard
 
         raw = webdataset.tariterators.tarfile_samples([{"url": s} for s in shards], handler=on_error)
@@ -184,14 +186,14 @@ class ShardStream(IterableDataset):
 _bad_seen = 0
 
 
-def _count_bad(skipped: dict[str, int], reason: str, sample: dict[str, Any], exn: Optional[Exception] = None) -> None:
+def _count_bad(skipped: dict[str, int], reason: str, sample: dict[str, Any], detail: Any = None) -> None:
     global _bad_seen
     skipped[reason] = skipped.get(reason, 0) + 1
     _bad_seen += 1
     if _bad_seen <= 5 or _bad_seen % 100 == 0:
         where = sample.get("__url__", "")
         log.warning("skipping bad sample (%s) key=%r shard=%s%s [%d bad so far in this worker]", reason,
-                    sample.get("__key__"), where, f": {exn}" if exn else "", _bad_seen)
+                    sample.get("__key__"), where, f": {detail}" if detail else "", _bad_seen)
 
 
 class PretrainLoader:

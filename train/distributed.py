@@ -74,6 +74,10 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # ranks sharing a CPU machine split its cores instead of oversubscribing them
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     return DistInfo(rank, world, local_rank, device, backend)
 
 
