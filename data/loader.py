@@ -227,8 +227,10 @@ class PretrainLoader:
         n = max(self.workers, 1)
         stream = ShardStream(self.shards, self.processor, self.batch_size, self.seed, self.rank, self.world,
                              self.workers, self.shuffle_buffer, self.resampled, self.positions, self.batches % n)
+        # a private generator: creating the iterator must not draw from the global torch RNG (exact resume)
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed))
         for raw in loader:
             batch = Batch(keys=raw["keys"], images=raw.get("images"), crops=raw.get("crops"), tokens=raw.get("tokens"),
                           attention_mask=raw.get("attention_mask"), worker=raw["worker"],

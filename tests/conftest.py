@@ -22,3 +22,33 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+# ----------------------------------------------------------------------------- tiny training runs
+TINY_OVERRIDES = [
+    "model.vision.size=micro", "model.vision.patch_size=8", "model.vision.image_size=32",
+    "model.text.width=32", "model.text.heads=2", "model.text.layers=1", "model.text.context_length=24",
+    "model.embed_dim=32", "model.dino_head.out_dim=256", "model.dino_head.hidden_dim=64",
+    "model.dino_head.bottleneck_dim=32", "dino.global_crop_size=32", "dino.local_crop_size=16", "dino.n_local_crops=2",
+    "schedule.global_batch=16", "schedule.warmup_steps=2", "data.workers=2", "data.shuffle_buffer=32",
+    "data.generate_synthetic=false", "logging.progress=false", "logging.wandb=disabled", "checkpoint.keep=2",
+    "model.frozen_text.max_length=16",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A 320-sample synthetic world at 32 px in 16 shards, with a trained caption tokenizer."""
+    from data.synthetic import generate_world
+    from data.tokenizer import read_captions, train_tokenizer
+    from data.shards import expand_shards
+
+    out = tmp_path_factory.mktemp("tiny_world")
+    generate_world(out, samples=320, val_samples=32, shard_size=20, image_size=32, seed=0, workers=2, progress=False)
+    train_tokenizer(read_captions(expand_shards(str(out / "train-*.tar"))), str(out / "tokenizer"), 300)
+    return out
+
+
+def tiny_overrides(world: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY_OVERRIDES, f"data.train={world}/train-{{000000..000015}}.tar",
+            f"data.tokenizer={world}/tokenizer.model", f"run.dir={run_dir}", *extra]

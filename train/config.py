@@ -136,6 +136,7 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0  # used when warmup_steps is None
     global_batch: int = 256
     micro_batch: Optional[int] = None  # per rank per micro-step; None = global_batch / world (no accumulation)
+    stop_after: Optional[int] = None  # end this invocation when it reaches this step (checkpointed); go on with resume=auto
 
 
 @dataclass

@@ -33,7 +33,8 @@ GPU_PEAKS: dict[str, tuple[float, float]] = {
 
 @lru_cache(maxsize=None)
 def measured_cpu_gemm_flops(size: int = 1024, seconds: float = 0.5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    gen = torch.Generator().manual_seed(0)  # leave the global RNG alone (exact resume depends on it)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
     torch.mm(a, b)  # warm-up
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -194,11 +194,16 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                                    flops_per_sample, peak, dist, samples_seen, after, not finite_step, nonfinite_total)
                 row["data/skipped"] = sum(loader.skipped.values())
                 logger.log(row)
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and finite_step:
+            stopping = done == cfg.schedule.stop_after and done < total_steps
+            if finite_step and ((cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping):
                 save(done)
                 last_saved = done
-        if cfg.checkpoint.at_end and last_saved != total_steps:
-            save(total_steps)
+            if stopping:
+                logger.write(f"[clipdino] stopping after step {done} (schedule.stop_after); continue with resume=auto")
+                break
+        else:
+            if cfg.checkpoint.at_end and last_saved != total_steps:
+                save(total_steps)
     finally:
         logger.close()
     if dist.is_main and (run_dir / "metrics.jsonl").exists():
