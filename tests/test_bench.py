@@ -60,6 +60,7 @@ def load_bench_module():
         sys.path.insert(0, str(REPO / "launch"))  # for its `import _bootstrap`
     spec = importlib.util.spec_from_file_location("clipdino_launch_bench", REPO / "launch" / "bench.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

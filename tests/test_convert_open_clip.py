@@ -10,7 +10,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import save_file  # noqa: E402
 
-from models.convert.open_clip import convert_open_clip_state_dict, load_open_clip_checkpoint  # noqa: E402
+from models.convert.open_clip import convert_open_clip_state_dict, load_open_clip_checkpoint, main  # noqa: E402
 from models.export import load_export  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_unsupported_config_flags(small):
     with pytest.raises(ValueError, match="pool_type='avg'"):
         convert_open_clip_state_dict(small["state"], {**SMALL_CFG, "vision_cfg": {**SMALL_CFG["vision_cfg"],
                                                                                     "pool_type": "avg"}})
-    with pytest.raises(ValueError, match="text_cfg.width=48"):
+    with pytest.raises(ValueError, match="text_cfg.width=48 but the checkpoint has 32"):
         convert_open_clip_state_dict(small["state"], {**SMALL_CFG, "text_cfg": {**SMALL_CFG["text_cfg"], "width": 48}})
 
 
@@ -177,12 +177,19 @@ def test_unsafe_pickle_is_refused(tmp_path):
     assert proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0 and "weights_only" in proc.stderr
 
 
-def test_cli_bad_input(tmp_path):
-    proc = run_cli(str(tmp_path / "nope.pt"), "--out", str(tmp_path / "export"))
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'nope.pt'}: no such checkpoint file"
+def test_cli_bad_input(tmp_path, capsys):
+    """In-process `main` (the subprocess path is covered above): exit code 2 and a one-line error."""
+    def cli_error(*args: str) -> str:
+        assert main([*args, "--out", str(tmp_path / "export")]) == 2 and not (tmp_path / "export").exists()
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        return err
+
+    assert cli_error(str(tmp_path / "nope.pt")) == f"error: {tmp_path / 'nope.pt'}: no such checkpoint file"
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")  # some other model's weights
-    proc = run_cli(str(tmp_path / "other.pt"), "--out", str(tmp_path / "export"))
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "visual.conv1.weight" in proc.stderr
+    assert "missing key 'visual.conv1.weight'" in cli_error(str(tmp_path / "other.pt"))
     (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint")
-    proc = run_cli(str(tmp_path / "garbage.bin"), "--out", str(tmp_path / "export"))
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "not a" in proc.stderr
+    assert "not a" in cli_error(str(tmp_path / "garbage.bin"))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "ok.pt")
+    (tmp_path / "cfg.json").write_text("{not json")
+    assert "not valid JSON" in cli_error(str(tmp_path / "ok.pt"), "--model-config", str(tmp_path / "cfg.json"))

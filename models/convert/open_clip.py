@@ -3,23 +3,18 @@
     model, config = load_open_clip_checkpoint("open_clip_pytorch_model.bin", "ViT-B-16.json")
     python -m models.convert.open_clip ckpt.pt --out exports/vit_b16 [--model-config ViT-B-16.json]
 
-Supported: open_clip `CLIP` (and `CustomTextCLIP` with open_clip's own text transformer) with a plain ViT
-image tower: learnable/sin-cos position embedding, optional ln_pre, optional layer scale, class-token
-pooling, optional SigLIP `logit_bias`; plain state dicts, DDP `module.` prefixes, open_clip training
-checkpoints ({"state_dict": ..., "epoch": ...}), `.safetensors`. Weights are converted to float32.
+Supported: open_clip `CLIP` / `CustomTextCLIP` (own text transformer) with a plain ViT image tower (ln_pre
+optional, layer scale, class-token pooling, SigLIP `logit_bias`); plain, DDP (`module.`) and training
+({"state_dict": ...}) checkpoints, `.safetensors`. Weights become float32. Shapes give widths, depths, MLP
+ratio, patch / image size, context, vocabulary and embed dim. Head counts are invisible in weights: they
+come from the open_clip model config when given (width // head_width, text `heads`), else width // 64
+(at least 1), as in every stock open_clip ViT config. Flags that change the computation but not the weights
+(QuickGELU, avg pooling, non-causal text) are only visible in the config, so pass it for non-stock models;
+`quick_gelu` (OpenAI-pretrained weights) is refused: clipdino's blocks use exact GELU.
 
-Architecture comes from tensor shapes (widths, depths, MLP ratio, patch / image size, context length,
-vocabulary, embed dim). Head counts are not visible in the weights: they come from the open_clip model
-config when given (vision width // head_width, text `heads`), else width // 64 for both towers, which
-matches every stock open_clip ViT config (text 512 -> 8, 768 -> 12, 1024 -> 16). Flags that change the
-computation without changing the weights (QuickGELU, average pooling, non-causal text) are only visible
-in the model config: pass it for non-stock models. OpenAI-pretrained weights use QuickGELU, which
-clipdino's blocks do not implement, so `"quick_gelu": true` configs are refused.
-
-Text: open_clip models use the OpenAI CLIP BPE tokenizer, which clipdino does not ship. The export records
-`"tokenizer": None` and `"text_tokenizer": "openai-clip-bpe"`; tokenise text with `open_clip.tokenize`
-(context length as exported). Pooling at argmax(token ids) (the end-of-text id is the largest) is what
-our `eot_id=None` does.
+Text: open_clip uses the OpenAI CLIP BPE tokenizer, which clipdino does not ship. Exports record
+`"tokenizer": None`, `"text_tokenizer": "openai-clip-bpe"`; tokenise with `open_clip.tokenize`. Pooling at
+argmax(token ids) (end-of-text is the largest id) is what our `eot_id=None` does.
 """
 from __future__ import annotations
 
@@ -36,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from models.clip import CLIP
+from models.export import save_export
 from models.text import TextTowerConfig, TextTransformer
 from models.vit import VIT_SIZES, ViTConfig, VisionTransformer
 
@@ -63,24 +59,21 @@ TOP_RENAMES: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
     "visual.conv1.weight": ("visual.patch_embed.weight", _same),
     "visual.class_embedding": ("visual.cls_token", lambda t: t.reshape(1, 1, -1)),
     "visual.positional_embedding": ("visual.pos_embed", lambda t: t.unsqueeze(0)),
-    "visual.ln_pre.weight": ("visual.norm_pre.weight", _same), "visual.ln_pre.bias": ("visual.norm_pre.bias", _same),
-    "visual.ln_post.weight": ("visual.norm.weight", _same), "visual.ln_post.bias": ("visual.norm.bias", _same),
+    **{f"visual.ln_pre.{p}": (f"visual.norm_pre.{p}", _same) for p in ("weight", "bias")},
+    **{f"visual.ln_post.{p}": (f"visual.norm.{p}", _same) for p in ("weight", "bias")},
     "visual.proj": ("visual_proj.weight", _transpose),  # x @ proj == Linear with weight proj.T
     "token_embedding.weight": ("text.token_embedding.weight", _same),
     "positional_embedding": ("text.pos_embed", _same),
-    "ln_final.weight": ("text.norm.weight", _same), "ln_final.bias": ("text.norm.bias", _same),
+    **{f"ln_final.{p}": (f"text.norm.{p}", _same) for p in ("weight", "bias")},
     "text_projection": ("text_proj.weight", _transpose),
     "logit_scale": ("logit_scale", lambda t: t.reshape(1)),  # open_clip: shape (), ours (1,)
     "logit_bias": ("logit_bias", lambda t: t.reshape(1)),
 }
 _BLOCK_KEY = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
-_VISION_FLAGS = {"attentional_pool": "attentional pooler", "timm_model_name": "timm image tower",
-                 "qk_norm": "qk-norm", "scaled_cosine_attn": "scaled cosine attention", "scale_heads": "scale_heads",
-                 "scale_attn_inner": "scale_attn_inner", "scale_attn": "scale_attn", "scale_fc": "scale_fc",
-                 "act_kwargs": "activation kwargs"}
-_TEXT_FLAGS = {**_VISION_FLAGS, "hf_model_name": "Hugging Face text tower", "embed_cls": "embed_cls",
-               "no_causal_mask": "bidirectional text attention", "proj_bias": "text projection bias",
-               "ls_init_value": "text layer scale"}
+_BLOCK_FLAGS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
+                "act_kwargs")  # model-config options that are unsupported when truthy
+_VISION_FLAGS = ("attentional_pool", "timm_model_name", *_BLOCK_FLAGS)
+_TEXT_FLAGS = ("hf_model_name", "embed_cls", "no_causal_mask", "proj_bias", "ls_init_value", *_BLOCK_FLAGS)
 
 
 def _unwrap(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -105,16 +98,13 @@ def _unsupported_config(model_cfg: dict[str, Any]) -> list[str]:
     """Options of an open_clip model config that clipdino's CLIP cannot reproduce."""
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     found = ["quick_gelu"] if model_cfg.get("quick_gelu") else []
-    found += [f"vision_cfg.{k} ({what})" for k, what in _VISION_FLAGS.items() if vision.get(k)]
-    found += [f"text_cfg.{k} ({what})" for k, what in _TEXT_FLAGS.items() if text.get(k)]
-    if isinstance(vision.get("layers"), (list, tuple)):
-        found.append("vision_cfg.layers as a list (ModifiedResNet)")
-    if vision.get("pool_type", "tok") != "tok":
-        found.append(f"vision_cfg.pool_type={vision['pool_type']!r}")
-    if text.get("pool_type", "argmax") not in ("argmax", "eos"):
-        found.append(f"text_cfg.pool_type={text['pool_type']!r}")
-    if text.get("proj_type", "linear") != "linear":
-        found.append(f"text_cfg.proj_type={text['proj_type']!r}")
+    found += [f"vision_cfg.{k}={vision[k]!r}" for k in _VISION_FLAGS if vision.get(k)]
+    found += [f"text_cfg.{k}={text[k]!r}" for k in _TEXT_FLAGS if text.get(k)]
+    found += ["vision_cfg.layers as a list (ModifiedResNet)"] if isinstance(vision.get("layers"), (list, tuple)) else []
+    for name, cfg, key, allowed in (("vision_cfg", vision, "pool_type", ("tok",)), ("text_cfg", text, "pool_type",
+                                    ("argmax", "eos")), ("text_cfg", text, "proj_type", ("linear",))):
+        if cfg.get(key, allowed[0]) not in allowed:
+            found.append(f"{name}.{key}={cfg[key]!r}")
     for name, cfg in (("vision_cfg", vision), ("text_cfg", text)):
         if set(cfg.get("norm_kwargs") or {}) - {"eps"}:
             found.append(f"{name}.norm_kwargs={cfg['norm_kwargs']}")
@@ -139,9 +129,9 @@ def _depth_and_mlp_ratio(state: dict[str, torch.Tensor], prefix: str, width: int
 
 
 def _check_against_cfg(tower: str, cfg: dict[str, Any], found: dict[str, int]) -> None:
-    for name, value in found.items():
-        if name in cfg and cfg[name] != value:
-            raise ValueError(f"model config {tower}.{name}={cfg[name]} but the checkpoint has {value}")
+    wrong = [f"{tower}.{k}={cfg[k]} but the checkpoint has {v}" for k, v in found.items() if cfg.get(k, v) != v]
+    if wrong:
+        raise ValueError(f"model config disagrees with the weights: {'; '.join(wrong)}")
 
 
 def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, Any]] = None
@@ -201,25 +191,20 @@ def _rename(state: dict[str, torch.Tensor], copy: bool) -> tuple[dict[str, torch
         if new is None:
             unknown.append(key)
             continue
-        value = fn(value).to(torch.float32, copy=copy)
-        converted[new] = value.contiguous()
+        converted[new] = fn(value).to(torch.float32, copy=copy).contiguous()
         source[new] = key
     return converted, source, unknown
 
 
 def _open_clip_name(key: str) -> str:
     """clipdino key -> the open_clip key it is converted from (for error messages)."""
-    top = {new: old for old, (new, _) in TOP_RENAMES.items()}
-    if key in top:
-        return top[key]
-    m = re.match(r"^(visual|text)\.blocks\.(\d+)\.(.+)$", key)
-    if m:
-        new = next((n for n in BLOCK_RENAMES.values() if m.group(3).startswith(n)), None)
-        if new is not None:
-            old = next(o for o, n in BLOCK_RENAMES.items() if n == new)
-            prefix = "visual." if m.group(1) == "visual" else ""
-            return f"{prefix}transformer.resblocks.{m.group(2)}.{old}{m.group(3)[len(new):]}"
-    return key
+    back = {new: old for old, new in BLOCK_RENAMES.items()}
+    m = re.match(r"^(visual\.|text\.)blocks\.(\d+)\.(.+)$", key)
+    new = next((n for n in back if m.group(3).startswith(n)), None) if m else None
+    if new is None:
+        return {new: old for old, (new, _) in TOP_RENAMES.items()}.get(key, key)
+    prefix = m.group(1) if m.group(1) == "visual." else ""
+    return f"{prefix}transformer.resblocks.{m.group(2)}.{back[new]}{m.group(3)[len(new):]}"
 
 
 def _short(keys: Sequence[str], limit: int = 6) -> str:
@@ -262,9 +247,8 @@ def convert_open_clip_state_dict(state: dict[str, Any], model_cfg: Optional[dict
     if wrong:
         raise ValueError(f"shape mismatch (checkpoint vs clipdino): {_short(wrong, 3)}")
     model.load_state_dict(converted, strict=True, assign=True)
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        raise RuntimeError("conversion left uninitialised (meta) tensors: clipdino's model has state outside "
-                           "its state dict")
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a non-persistent buffer would stay meta
+        raise RuntimeError("conversion left meta tensors: clipdino's CLIP has state outside its state dict")
     preprocess = (model_cfg or {}).get("preprocess_cfg") or {}
     config = {"vision": asdict(model.visual.cfg), "text": {"type": "transformer", **asdict(text_cfg)},
               "embed_dim": embed_dim, "max_logit_scale": model.max_logit_scale,
@@ -290,11 +274,10 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise ValueError(f"{path}: refusing to load: the file holds Python objects that torch.load("
-                             f"weights_only=True) does not allow; re-save it as a plain state dict or "
-                             f".safetensors") from e
-        raise ValueError(f"{path}: not a torch checkpoint ({str(e).splitlines()[0]})") from e
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"{path}: not a torch checkpoint ({str(e).splitlines()[0]})") from e
+        raise ValueError(f"{path}: refusing to load: the file holds Python objects that torch.load(weights_only="
+                         f"True) does not allow; re-save it as a plain state dict or .safetensors") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from e
     if not isinstance(state, dict):
@@ -335,8 +318,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--image-mean", type=float, nargs=3, help="default: OpenAI CLIP mean / the config's")
     parser.add_argument("--image-std", type=float, nargs=3, help="default: OpenAI CLIP std / the config's")
     args = parser.parse_args(argv)
-    from models.export import save_export
-
     try:
         model, config = load_open_clip_checkpoint(args.checkpoint, args.model_config,
                                                   image_mean=args.image_mean, image_std=args.image_std)

@@ -1,0 +1,111 @@
+"""Failure handling in the trainer (in-process, 1 rank): non-finite losses, crashes during a checkpoint save,
+and non-finite weights never reaching a checkpoint."""
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from train import checkpoint as ckpt
+from train.config_loader import load_config
+from train.objectives.contrastive import ContrastiveObjective
+from train.plots import read_jsonl
+from train.trainer import NonFiniteLossError, train
+
+CONFIG = "launch/configs/pretrain/tiny_clip.yaml"
+
+
+def config(world, run_dir, *extra):
+    return load_config(CONFIG, tiny_overrides(world, run_dir, "data.workers=1", *extra))
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """Make the loss NaN at the given 0-based steps (or micro-step calls), recording the weights seen at each call."""
+    calls = {"steps": set(), "calls": set(), "snapshots": [], "n": 0}
+    original = ContrastiveObjective.compute_loss
+
+    def compute_loss(self, student, batch, step):
+        calls["snapshots"].append([p.detach().clone() for p in self.student.parameters()])
+        terms = original(self, student, batch, step)
+        if step in calls["steps"] or calls["n"] in calls["calls"]:
+            terms["loss"] = terms["loss"] * float("nan")
+        calls["n"] += 1
+        return terms
+
+    monkeypatch.setattr(ContrastiveObjective, "compute_loss", compute_loss)
+    return calls
+
+
+def test_skip_nonfinite_step_and_continue(tiny_world, tmp_path, nan_at):
+    nan_at["steps"] = {2}
+    summary = train(config(tiny_world, tmp_path, "schedule.steps=5", "checkpoint.every=1"))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["skipped_update"] for r in rows] == [False, False, True, False, False]
+    assert summary["nonfinite_total"] == 1 and rows[-1]["nonfinite_total"] == 1
+    snaps = nan_at["snapshots"]
+    assert all(torch.equal(a, b) for a, b in zip(snaps[2], snaps[3]))  # the skipped step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(snaps[1], snaps[2]))
+    done = [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")]
+    assert done == ["step_0000004", "step_0000005"]  # no checkpoint for the skipped step 3
+
+
+def test_skip_with_gradient_accumulation(tiny_world, tmp_path, nan_at):
+    nan_at["calls"] = {5}  # second micro-batch of step 3 (2 micro-batches per step)
+    summary = train(config(tiny_world, tmp_path, "schedule.steps=4", "schedule.micro_batch=8", "checkpoint.every=0"))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["skipped_update"] for r in rows] == [False, False, True, False] and summary["nonfinite_total"] == 1
+    snaps = nan_at["snapshots"]  # one per micro-batch
+    assert all(torch.equal(a, b) for a, b in zip(snaps[4], snaps[6]))  # weights before and after step 3 agree
+
+
+def test_stop_after_patience(tiny_world, tmp_path, nan_at):
+    nan_at["steps"] = set(range(100))
+    with pytest.raises(NonFiniteLossError, match="3 in a row"):
+        train(config(tiny_world, tmp_path, "schedule.steps=10", "checkpoint.every=1", "nonfinite_patience=3"))
+    assert ckpt.complete_checkpoints(tmp_path / "checkpoints") == []
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2  # the third raises before it is logged
+
+
+def test_halt(tiny_world, tmp_path, nan_at):
+    nan_at["steps"] = {1}
+    with pytest.raises(NonFiniteLossError, match="nonfinite=halt"):
+        train(config(tiny_world, tmp_path, "schedule.steps=5", "checkpoint.every=1", "nonfinite=halt"))
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step_0000001"]
+
+
+def test_nan_weights_are_never_checkpointed(tiny_world, tmp_path, monkeypatch):
+    original = ContrastiveObjective.after_step
+
+    def poison(self, step):
+        if step == 1:
+            with torch.no_grad():
+                self.student.visual.cls_token.fill_(float("nan"))
+        return original(self, step)
+
+    monkeypatch.setattr(ContrastiveObjective, "after_step", poison)
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        train(config(tiny_world, tmp_path, "schedule.steps=4", "checkpoint.every=1"))
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step_0000001"]
+    assert not (tmp_path / "export" / "step_0000002").exists()
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tiny_world, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(config(tiny_world, straight, "schedule.steps=6", "checkpoint.every=2"))
+    run = tmp_path / "crashy"
+    real_write = ckpt._write_atomic
+
+    def crash_at_step_4(path, text):
+        if "step_0000004" in str(path):
+            raise KeyboardInterrupt("simulated kill during the save of step 4")
+        real_write(path, text)
+
+    monkeypatch.setattr(ckpt, "_write_atomic", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_world, run, "schedule.steps=6", "checkpoint.every=2"))
+    monkeypatch.setattr(ckpt, "_write_atomic", real_write)
+    assert (run / "checkpoints" / "step_0000004").is_dir()  # the partial save is there ...
+    assert ckpt.find_resume_checkpoint("auto", run / "checkpoints").name == "step_0000002"  # ... and ignored
+    train(config(tiny_world, run, "schedule.steps=6", "checkpoint.every=2", "resume=auto"))
+    a = {r["step"]: r["loss"] for r in read_jsonl(straight / "metrics.jsonl")}
+    b = {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl")}
+    assert b == a
