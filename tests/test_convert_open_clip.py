@@ -114,6 +114,22 @@ def test_safetensors_file(small, tmp_path):
     assert_matches(model, small["ref"], small["images"], small["tokens"], small["oc"])
 
 
+def test_custom_text_clip_eos_pool_no_ln_pre_fp16():
+    """CustomTextCLIP (text.* keys, own tower), eos pooling, no ln_pre, half-precision weights -> float32."""
+    torch.manual_seed(0)
+    cfg = {"embed_dim": 48, "vision_cfg": {**SMALL_CFG["vision_cfg"], "no_ln_pre": True, "final_ln_after_pool": True},
+           "text_cfg": {**SMALL_CFG["text_cfg"], "pool_type": "eos", "eos_id": 7}}
+    oc = open_clip.model.CustomTextCLIP(**cfg).eval()
+    state = {k: v.half() for k, v in oc.state_dict().items()}
+    oc.load_state_dict(state)  # the reference runs the same fp16-rounded weights in float32
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(8, 100, (2, 16))
+    tokens[0, 4], tokens[1, 9] = 7, 7
+    model, config = convert_open_clip_state_dict(state, cfg)
+    assert not config["vision"]["pre_norm"] and config["text"]["eot_id"] == 7
+    assert model.visual_proj.weight.dtype == torch.float32
+    assert_matches(model, reference(oc, images, tokens), images, tokens, oc)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "models.convert.open_clip", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)

@@ -128,12 +128,6 @@ def _depth_and_mlp_ratio(state: dict[str, torch.Tensor], prefix: str, width: int
     return max(indices) + 1, ratio if int(width * ratio) == hidden else (hidden + 0.5) / width  # int() round-off
 
 
-def _check_against_cfg(tower: str, cfg: dict[str, Any], found: dict[str, int]) -> None:
-    wrong = [f"{tower}.{k}={cfg[k]} but the checkpoint has {v}" for k, v in found.items() if cfg.get(k, v) != v]
-    if wrong:
-        raise ValueError(f"model config disagrees with the weights: {'; '.join(wrong)}")
-
-
 def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, Any]] = None
                   ) -> tuple[ViTConfig, TextTowerConfig, int]:
     """(vision config, text config, embed dim) from tensor shapes (+ head counts / eps from `model_cfg`)."""
@@ -152,8 +146,6 @@ def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, 
     if width % head_width:
         raise ValueError(f"vision width {width} is not a multiple of head width {head_width}")
     heads = width // head_width
-    _check_against_cfg("vision_cfg", vcfg, {"width": width, "layers": depth, "patch_size": patch,
-                                            "image_size": grid * patch})
     size = next((name for name, dims in VIT_SIZES.items() if dims == (width, depth, heads)), "base")
     has_ls = "visual.transformer.resblocks.0.ls_1.gamma" in state
     vision = ViTConfig(size=size, patch_size=patch, image_size=grid * patch, width=width, depth=depth, heads=heads,
@@ -165,8 +157,13 @@ def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, 
     context = _require(state, "positional_embedding", 2).shape[0]
     layers, text_mlp_ratio = _depth_and_mlp_ratio(state, "", text_width)
     text_heads = tcfg.get("heads", 8) if model_cfg else max(1, text_width // 64)
-    _check_against_cfg("text_cfg", tcfg, {"width": text_width, "layers": layers, "context_length": context,
-                                          "vocab_size": vocab})
+    square = lambda v: v[0] if isinstance(v, (list, tuple)) and len(set(v)) == 1 else v  # noqa: E731
+    wrong = [f"{tower}.{k}={cfg[k]} but the checkpoint has {v}" for tower, cfg, found in (
+        ("vision_cfg", vcfg, {"width": width, "layers": depth, "patch_size": patch, "image_size": grid * patch}),
+        ("text_cfg", tcfg, {"width": text_width, "layers": layers, "context_length": context, "vocab_size": vocab}))
+        for k, v in found.items() if square(cfg.get(k, v)) != v]
+    if wrong:
+        raise ValueError(f"model config disagrees with the weights: {'; '.join(wrong)}")
     text = TextTowerConfig(vocab_size=vocab, width=text_width, heads=text_heads, layers=layers,
                            context_length=context, mlp_ratio=text_mlp_ratio,
                            eot_id=tcfg.get("eos_id", 2) if tcfg.get("pool_type") == "eos" else None,
@@ -202,7 +199,7 @@ def _open_clip_name(key: str) -> str:
     m = re.match(r"^(visual\.|text\.)blocks\.(\d+)\.(.+)$", key)
     new = next((n for n in back if m.group(3).startswith(n)), None) if m else None
     if new is None:
-        return {new: old for old, (new, _) in TOP_RENAMES.items()}.get(key, key)
+        return {ours: theirs for theirs, (ours, _) in TOP_RENAMES.items()}.get(key, key)
     prefix = m.group(1) if m.group(1) == "visual." else ""
     return f"{prefix}transformer.resblocks.{m.group(2)}.{back[new]}{m.group(3)[len(new):]}"
 
