@@ -31,23 +31,26 @@ import _bootstrap  # noqa: F401  (repo root on sys.path)
 import torch
 
 VOCAB_SIZE, EOT_ID = 49408, 49407  # open_clip's BPE vocabulary; the end-of-text id is the largest
-# name -> (dotted config overrides, open_clip model name or None: build open_clip.model.CLIP from our dims)
+
+
+def preset(size: str, patch: int, image: int, text: tuple[int, int, int, int], embed: int,
+           dino_head: tuple[int, int, int] = (65536, 2048, 256)) -> list[str]:
+    """Config overrides of one architecture: text = (width, heads, layers, context), dino_head = (out, hidden, bottleneck)."""
+    (width, heads, layers, context), (out, hidden, bottleneck) = text, dino_head
+    return [f"model.vision.size={size}", f"model.vision.patch_size={patch}", f"model.vision.image_size={image}",
+            "model.vision.pre_norm=true", f"model.text.width={width}", f"model.text.heads={heads}",  # ln_pre: open_clip's
+            f"model.text.layers={layers}", f"model.text.context_length={context}", f"model.embed_dim={embed}",
+            f"model.dino_head.out_dim={out}", f"model.dino_head.hidden_dim={hidden}",
+            f"model.dino_head.bottleneck_dim={bottleneck}"]
+
+
+# name -> (config overrides, open_clip's registered model name, or None: open_clip.model.CLIP built from our dims)
 MODELS: dict[str, tuple[list[str], Optional[str]]] = {
-    "vit_b16": (["model.vision.size=base", "model.vision.patch_size=16", "model.vision.image_size=224",
-                 "model.text.width=512", "model.text.heads=8", "model.text.layers=12", "model.embed_dim=512",
-                 "model.dino_head.out_dim=65536"], "ViT-B-16"),
-    "vit_s16": (["model.vision.size=small", "model.vision.patch_size=16", "model.vision.image_size=224",
-                 "model.text.width=384", "model.text.heads=6", "model.text.layers=12", "model.embed_dim=384",
-                 "model.dino_head.out_dim=65536"], None),
-    "vit_ti16": (["model.vision.size=tiny", "model.vision.patch_size=16", "model.vision.image_size=224",
-                  "model.text.width=256", "model.text.heads=4", "model.text.layers=12", "model.embed_dim=256",
-                  "model.dino_head.out_dim=65536"], None),
-    "vit_micro": (["model.vision.size=micro", "model.vision.patch_size=8", "model.vision.image_size=64",
-                   "model.text.width=128", "model.text.heads=4", "model.text.layers=4", "model.text.context_length=32",
-                   "model.embed_dim=128", "model.dino_head.out_dim=1024", "model.dino_head.hidden_dim=256",
-                   "model.dino_head.bottleneck_dim=64"], None),
+    "vit_b16": (preset("base", 16, 224, (512, 8, 12, 77), 512), "ViT-B-16"),
+    "vit_s16": (preset("small", 16, 224, (384, 6, 12, 77), 384), None),  # open_clip ViT-S-16's dims
+    "vit_ti16": (preset("tiny", 16, 224, (256, 4, 12, 77), 256), None),
+    "vit_micro": (preset("micro", 8, 64, (128, 4, 4, 32), 128, (1024, 256, 64)), None),  # launch/.../base_tiny.yaml
 }
-COMMON = ["model.vision.pre_norm=true", "model.text.context_length=77"]  # open_clip's ln_pre; the micro preset sets 32
 TRAIN_OBJECTIVES = ("clip", "siglip", "dino", "hybrid")
 TEXT_OBJECTIVES = ("clip", "siglip", "hybrid")
 DINO_OBJECTIVES = ("dino", "hybrid")
@@ -70,7 +73,7 @@ def bench_config(args: argparse.Namespace):
     """PretrainConfig from defaults (or --config) + the model preset + bench settings + user overrides."""
     from train.config_loader import load_config
 
-    presets = [] if args.model is None else COMMON + MODELS[args.model][0]
+    presets = [] if args.model is None else MODELS[args.model][0]
     base = load_config(args.config, presets)
     size = args.image_size or base.model.vision.image_size
     patch = base.model.vision.patch_size
@@ -132,15 +135,11 @@ def synthetic_batch(cfg, batch: int, device: torch.device, seed: int = 0):
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return requested
+    return ("bf16" if device.type == "cuda" else "fp32") if requested == "auto" else requested
 
 
 def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def allocated(device: torch.device) -> int:
@@ -317,22 +316,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     peak, peak_source = peak_flops(device, precision, cfg.logging.peak_flops)  # measured before timing on CPU
     time_alternating(sides, args.steps, device)
 
-    results = [summarize(s, args.batch, flops, peak, device) for s in sides]
+    ours_result, *ref_results = [summarize(s, args.batch, flops, peak, device) for s in sides]
+    ref_result = ref_results[0] if ref_results else None
     if device.type != "cuda":
-        results[0]["peak_mem_bytes"] = rss_after_ours
+        ours_result["peak_mem_bytes"] = rss_after_ours
         notes.append("CPU memory: process peak RSS after our warm-up, before the reference was built")
     report: dict[str, Any] = {
-        **{k: v for k, v in results[0].items()},
-        "ref": sides[1].name if len(sides) > 1 else None, "ref_skipped": ref_skipped,
-        "ref_samples_per_s": results[1]["samples_per_s"] if len(sides) > 1 else None,
-        "ratio": results[0]["samples_per_s"] / results[1]["samples_per_s"] if len(sides) > 1 else None,
-        "ref_result": results[1] if len(sides) > 1 else None,
+        **ours_result, "ref": ref_name, "ref_skipped": ref_skipped, "ref_result": ref_result,
+        "ref_samples_per_s": ref_result["samples_per_s"] if ref_result else None,
+        "ratio": ours_result["samples_per_s"] / ref_result["samples_per_s"] if ref_result else None,
         "peak_mem_kind": ("cuda max_memory_allocated: params + optimizer state + activation peak of the side"
                           if device.type == "cuda" else "process peak RSS (resident set, whole process)"),
         "process_peak_rss_bytes_end": peak_rss_bytes(),
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__, "open_clip_version": _open_clip_version() if ref_name else None,
+        "torch_version": torch.__version__, "open_clip_version": getattr(sys.modules.get("open_clip"), "__version__", None),
         "model": args.model or f"config:{args.config}", "objective": cfg.objective.name, "batch": args.batch,
         "precision": precision, "image_size": cfg.model.vision.image_size, "warmup": args.warmup, "steps": args.steps,
         "dino_crops": ([cfg.dino.n_global_crops, cfg.dino.global_crop_size, cfg.dino.n_local_crops,
@@ -341,7 +339,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "loadavg_start": list(load_before), "loadavg_end": list(os.getloadavg()),
         "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "notes": notes}
-    print_train_table(report, results, [s.name for s in sides])
+    print_train_table(report, [ours_result, *ref_results], [s.name for s in sides])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -354,12 +352,6 @@ def open_clip_model_name(args: argparse.Namespace) -> Optional[str]:
     """open_clip's registered name when our architecture is exactly the preset's (no --config, no model.* edits)."""
     edited = args.config or args.image_size not in (None, 224) or any(o.startswith("model.") for o in args.overrides)
     return None if edited or args.model is None else MODELS[args.model][1]
-
-
-def _open_clip_version() -> Optional[str]:
-    import open_clip
-
-    return getattr(open_clip, "__version__", None)
 
 
 def print_train_table(report: dict[str, Any], results: list[dict[str, Any]], names: list[str]) -> None:
