@@ -63,11 +63,17 @@ def test_resume_reproduces_the_straight_run(objective, ranks, tiny_world, tmp_pa
     assert all(torch.equal(x, y) for x, y in zip(ea.state_dict().values(), eb.state_dict().values()))
 
 
-@pytest.mark.parametrize("objective", ["siglip", "clip_frozen_text", "hybrid"])
-def test_two_rank_deepspeed_run(objective, tiny_world, tmp_path):
+@pytest.mark.parametrize("objective,zero_stage", [("siglip", 2), ("clip_frozen_text", 0), ("hybrid", 1), ("clip", 3)])
+def test_two_rank_deepspeed_run(objective, zero_stage, tiny_world, tmp_path):
     run_dir = tmp_path / objective
-    pretrain(objective, tiny_overrides(tiny_world, run_dir, "schedule.steps=3", "checkpoint.every=0"), ranks=2)
+    pretrain(objective, tiny_overrides(tiny_world, run_dir, "schedule.steps=3", "checkpoint.every=0",
+                                       f"deepspeed.zero_stage={zero_stage}"), ranks=2)
     check_run_folder(run_dir, steps=3, kind="clip")
+
+
+def test_zero3_refused_with_an_ema_teacher(tiny_world, tmp_path):
+    out = pretrain("dino", tiny_overrides(tiny_world, tmp_path / "r", "deepspeed.zero_stage=3"), expect_ok=False)
+    assert out.returncode == 1 and "zero_stage=3 is not supported for objective dino" in out.stderr
 
 
 def check_run_folder(run_dir: Path, steps: int, kind: str):

@@ -1,5 +1,5 @@
-"""Failure handling in the trainer (in-process, 1 rank): non-finite losses, crashes during a checkpoint save,
-and non-finite weights never reaching a checkpoint."""
+"""The trainer in-process (1 rank): non-finite losses, crashes during a checkpoint save, non-finite weights
+never reaching a checkpoint, wandb modes."""
 import pytest
 import torch
 
@@ -109,3 +109,17 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tiny_world, tmp_path, m
     a = {r["step"]: r["loss"] for r in read_jsonl(straight / "metrics.jsonl")}
     b = {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl")}
     assert b == a
+
+
+def test_wandb_modes(tiny_world, tmp_path, monkeypatch):
+    from train.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode("auto") == "offline"  # no API key: never try to reach the service
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online" and wandb_mode("disabled") == "disabled"
+    monkeypatch.delenv("WANDB_API_KEY")
+    train(config(tiny_world, tmp_path, "schedule.steps=2", "checkpoint.every=0", "logging.wandb=auto"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

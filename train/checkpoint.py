@@ -73,7 +73,9 @@ def _tuplify(x):
 
 
 def params_finite(module: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in module.parameters() if p.is_floating_point())
+    """This rank's weights (its ZeRO-3 partition when parameters are partitioned) are all finite."""
+    tensors = (getattr(p, "ds_tensor", p) for p in module.parameters())
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, rank: int, client: dict[str, Any],

@@ -125,13 +125,15 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         rank_state = {"rng": ckpt.rng_state(), "data": loader.state_dict()}
         folder = ckpt.save_checkpoint(engine, run_dir / "checkpoints", step, dist.rank, client, rank_state,
                                       cfg.checkpoint.keep)
-        if cfg.checkpoint.export and dist.is_main:
+        if cfg.checkpoint.export:
             from models.export import save_export
 
             module, kind, export_cfg = objective.export()
             meta = {"step": step, "samples_seen": samples_seen, "objective": cfg.objective.name,
                     "run_dir": str(run_dir), "checkpoint": str(folder)}
-            save_export(run_dir / "export" / ckpt.tag_for(step), module, kind, export_cfg, meta)
+            with _whole_parameters(module, cfg.deepspeed.zero_stage):  # collective under ZeRO-3
+                if dist.is_main:
+                    save_export(run_dir / "export" / ckpt.tag_for(step), module, kind, export_cfg, meta)
         barrier()
 
     # ---------------------------------------------------------------- loop
@@ -213,6 +215,15 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     barrier()
     return {"run_dir": str(run_dir), "steps": total_steps, "samples_seen": samples_seen,
             "nonfinite_total": nonfinite_total, "data_skipped": dict(loader.skipped)}
+
+
+def _whole_parameters(module: torch.nn.Module, zero_stage: int):
+    """ZeRO-3 partitions parameters across ranks: gather them (on every rank) to read whole weights."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
 def _all_ranks_finite(loss: torch.Tensor) -> bool:

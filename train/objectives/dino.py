@@ -87,8 +87,11 @@ class DinoDistillation:
         with torch.no_grad():  # inside the trainer's autocast when it runs in bf16
             teacher_logits = self.teacher(global_crops)  # (G*B, K)
         temp = self.teacher_temp(step)
+        with torch.no_grad():  # collapse monitor: uniform collapse -> log K, one-hot collapse -> 0 (before the centre moves)
+            probs = torch.softmax((teacher_logits.float() - self.loss_fn.center) / temp, dim=-1)  # (G*B, K)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         loss = self.loss_fn(student_logits.float(), teacher_logits.float(), temp)
-        return {"loss": loss, "metric/teacher_temp": torch.tensor(temp)}
+        return {"loss": loss, "metric/teacher_temp": torch.tensor(temp), "metric/teacher_entropy": entropy}
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> dict[str, float]:
