@@ -92,3 +92,19 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(fn, *args, **kwargs):
+    """Run `fn` on rank 0 only and hand its result to every rank. If it raises, every rank raises the same
+    error type with its message, instead of the other ranks hanging at the next collective."""
+    result, error = None, None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # re-raised below, on every rank
+            error = (type(e), str(e))
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        kind, message = error
+        raise (kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError)(message)
+    return result

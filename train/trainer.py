@@ -25,7 +25,7 @@ from train import checkpoint as ckpt
 from train.config import PretrainConfig
 from train.config_loader import save_config, to_dict
 from train.deepspeed_config import build_deepspeed_config, resolve_batch
-from train.distributed import barrier, broadcast_object, init_distributed
+from train.distributed import barrier, init_distributed, run_on_main
 from train.metrics import MetricsLogger
 from train.mfu import peak_flops, peak_memory_bytes
 from train.objectives.registry import build_objective
@@ -65,15 +65,14 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.data.generate_synthetic:
-            from data.prepare import ensure_synthetic_data
+    if cfg.data.generate_synthetic:
+        from data.prepare import ensure_synthetic_data
 
-            ensure_synthetic_data(cfg)
-    barrier()
+        run_on_main(ensure_synthetic_data, cfg)
 
     # ---------------------------------------------------------------- data size, batch, schedule
-    shards = expand_shards(cfg.data.train)
-    samples_per_epoch = cfg.data.samples_per_epoch or broadcast_object(count_samples(shards) if dist.is_main else None)
+    shards = run_on_main(expand_shards, cfg.data.train)
+    samples_per_epoch = cfg.data.samples_per_epoch or run_on_main(count_samples, shards)
     micro, accum = resolve_batch(cfg.schedule.global_batch, cfg.schedule.micro_batch, dist.world)
     total_steps, warmup_steps, steps_per_epoch = resolve_steps(cfg, samples_per_epoch)
     precision = "bf16" if cfg.deepspeed.precision == "auto" and dist.device.type == "cuda" else cfg.deepspeed.precision
