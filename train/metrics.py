@@ -37,6 +37,7 @@ class MetricsLogger:
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         mode = wandb_mode(cfg.logging.wandb)
         if mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")  # keep the console to the progress bar; WANDB_SILENT=false to see wandb
             import wandb
 
             self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name or run_dir.name,
