@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    runs = {name: run_objective(name, out, args.steps) for name in ("clip", "dino")}
+    try:
+        runs = {name: run_objective(name, out, args.steps) for name in ("clip", "dino")}
+    except subprocess.CalledProcessError as e:
+        print(f"demo: `{' '.join(map(str, e.cmd[1:]))}` failed with exit code {e.returncode} (see above)", file=sys.stderr)
+        return 1
     subprocess.run([sys.executable, str(ROOT / "launch" / "diff_configs.py"), str(runs["clip"]), str(runs["dino"])],
                    cwd=ROOT, check=True)
     comparison_plot(runs, out / "comparison.png")

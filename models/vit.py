@@ -147,10 +147,6 @@ class VisionTransformer(nn.Module):
         self.grid = grid
         self.cfg.image_size = image_size
 
-    def num_tokens(self, image_size: Optional[int] = None) -> int:
-        grid = (image_size or self.cfg.image_size) // self.patch_size
-        return self.num_prefix_tokens + grid * grid
-
 
 def vit_config_from(cfg, **extra) -> ViTConfig:
     """ViTConfig from the training config's `model.vision` section (a train.config.VisionConfig)."""

@@ -9,7 +9,7 @@ import torch
 from data import synthetic as syn
 from data.loader import PretrainLoader, SampleProcessor
 from data.shards import DataError, count_samples, expand_shards
-from data.transforms import ClipTransform, DinoMultiCrop
+from data.transforms import ClipTransform, DinoMultiCrop, EvalTransform
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,10 @@ def test_shards_without_usable_samples_fail_clearly(tmp_path):
     loader = PretrainLoader([str(tmp_path / "empty-000000.tar")], clip_processor(), 2, seed=0, workers=0)
     with pytest.raises(DataError, match="gave no usable sample"):
         take(loader, 1)
+
+
+def test_eval_transform_resizes_and_centre_crops():
+    img = torch.arange(3 * 40 * 60, dtype=torch.float32).reshape(3, 40, 60).remainder(256).to(torch.uint8)
+    out = EvalTransform(32)(img)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert torch.equal(out, EvalTransform(32)(img))  # no randomness
