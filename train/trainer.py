@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.loader import PretrainLoader
+from data.build import build_train_loader
 from data.shards import count_samples, expand_shards
 from train import checkpoint as ckpt
 from train.config import PretrainConfig
@@ -92,9 +92,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                                                    dist_init_required=False)
     seed_everything(cfg.seed * 1000 + dist.rank + 1)  # per-rank stream (drop path, ...)
 
-    loader = PretrainLoader(shards, objective.data_processor(), micro, cfg.seed, dist.rank, dist.world,
-                            cfg.data.workers, cfg.data.shuffle_buffer, cfg.data.resampled,
-                            pin_memory=dist.device.type == "cuda")
+    loader = build_train_loader(cfg, shards, objective.data_processor(), micro, dist.rank, dist.world,
+                                dist.device.type)
 
     # ---------------------------------------------------------------- resume
     start_step, samples_seen, nonfinite_total = 0, 0, 0
