@@ -165,6 +165,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    watch: bool = False  # start launch/watch_evals.py beside the training (rank 0): evaluates each new export
+    tasks: str = "linear_probe,knn,zero_shot,retrieval,embedding"
+    data: str = ""  # labeled shards folder for the evals ("" = the synthetic world beside data.train)
+
+
+@dataclass
 class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +184,7 @@ class PretrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     resume: str = ""  # "" (fresh) | auto (latest complete checkpoint in run.dir) | PATH to a checkpoint folder
     nonfinite: str = "skip"  # skip (skip the update, count it) | halt
