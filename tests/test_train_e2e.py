@@ -24,8 +24,9 @@ def free_port() -> int:
 
 
 def pretrain(objective: str, overrides: list[str], ranks: int = 1, expect_ok: bool = True):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(REPO)}
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # in-process tests may have set them
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     script = [str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIGS / f"tiny_{objective}.yaml"), *overrides]
     if ranks == 1:
         cmd = [sys.executable, *script]

@@ -73,7 +73,9 @@ class ObjectiveConfig:
 
 @dataclass
 class LossConfig:
-    impl: str = "torch"  # torch | triton (fused kernels, later issue)
+    # torch | triton: fused Triton kernels (kernels/*_triton.py, docs/kernels.md) on CUDA tensors; on CPU they run
+    # in Triton's interpreter only under TRITON_INTERPRET=1, otherwise the torch reference runs (warned once)
+    impl: str = "torch"
     init_logit_scale: float = 2.6592600  # log(1 / 0.07)
     max_logit_scale: float = 100.0
     siglip_init_logit_scale: float = 2.3025851  # log(10)
@@ -100,8 +102,8 @@ class DinoConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # shards: brace pattern ("dir/{000000..000099}.tar") or glob ("dir/*.tar")
-    backend: str = "cpu"  # cpu (DALI arrives in the data issue)
-    workers: int = 2  # loader processes per rank
+    backend: str = "cpu"  # cpu (PIL/torchvision in loader processes) | dali (NVIDIA DALI pipelines, docs/data.md)
+    workers: int = 2  # loader processes per rank (cpu); DALI CPU threads per rank unless data.dali_threads is set
     shuffle_buffer: int = 1000
     resampled: bool = False  # draw shards with replacement instead of passes over the shard list
     samples_per_epoch: Optional[int] = None  # None: from sizes.json beside the shards, else counted
@@ -115,6 +117,14 @@ class DataConfig:
     synthetic_image_size: int = 64
     synthetic_shard_size: int = 250
     tokenizer_vocab_size: int = 1000  # when the tokenizer is trained here
+    # data.backend=dali only:
+    dali_decoder: str = "auto"  # auto (mixed = GPU decoding when training on CUDA, else cpu) | cpu | mixed
+    dali_threads: Optional[int] = None  # DALI CPU threads per rank; None = data.workers
+    dali_prefetch: int = 2  # batches DALI prepares ahead (prefetch_queue_depth)
+    dali_index_dir: str = ""  # DALI index files; "" = a _dali_index/ folder beside the shards
+    # require: refuse shards without a clean `python -m data.validate` record (validation.json beside them);
+    # first_use: validate the unrecorded shards at start-up (split over the ranks), then require
+    validation: str = "require"
 
 
 @dataclass
@@ -199,6 +209,8 @@ CHOICES = {
     "model.frozen_text.pooling": ("mean", "cls"),
     "loss.impl": ("torch", "triton"),
     "data.backend": ("cpu", "dali"),
+    "data.dali_decoder": ("auto", "cpu", "mixed"),
+    "data.validation": ("require", "first_use"),
     "deepspeed.precision": ("auto", "fp32", "bf16"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "logging.wandb": ("auto", "online", "offline", "disabled"),

@@ -4,9 +4,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kernels.contrastive_reference import clip_loss
+from kernels.contrastive_triton import clip_loss_triton
 from train.losses.distributed import gather_with_grad
 
-CLIP_LOSS_IMPLS = {"torch": clip_loss}
+CLIP_LOSS_IMPLS = {"torch": clip_loss, "triton": clip_loss_triton}  # triton: fused, falls back to torch on CPU
 
 
 class ClipLoss(nn.Module):
@@ -22,6 +23,7 @@ class ClipLoss(nn.Module):
         if impl not in CLIP_LOSS_IMPLS:
             raise ValueError(f"unknown ClipLoss impl {impl!r}; valid: {sorted(CLIP_LOSS_IMPLS)}")
         self.impl = impl
+        self.native_dtype = impl == "triton"  # the fused kernel reads bf16 features as they are (callers skip .float())
         self.check_sizes = check_sizes
         self._loss_fn = CLIP_LOSS_IMPLS[impl]
 

@@ -5,9 +5,10 @@ import torch
 from torch import Tensor, nn
 
 from kernels.dino_reference import dino_loss, teacher_batch_center, update_center
+from kernels.dino_triton import dino_loss_and_center_sum, dino_loss_triton
 from train.losses.distributed import all_reduce_sum_, world_size
 
-DINO_LOSS_IMPLS = {"torch": dino_loss}
+DINO_LOSS_IMPLS = {"torch": dino_loss, "triton": dino_loss_triton}  # triton: fused, falls back to torch on CPU
 
 
 class DINOLoss(nn.Module):
@@ -15,6 +16,8 @@ class DINOLoss(nn.Module):
 
     ``center`` is a persistent (1, K) buffer, so it is saved in state_dict and checkpoints.
     forward() uses the current centre, then updates it from the teacher logits (DINO's order).
+    With impl="triton" the fused kernel also returns the teacher row sum the update needs (summed in fp32
+    inside the kernel, so it may differ from torch's sum in the last bits); the update itself is the same.
     """
 
     center: Tensor
@@ -35,11 +38,18 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.impl = impl
+        self.native_dtype = impl == "triton"  # the fused kernel reads bf16 logits as they are (callers skip .float())
         self._loss_fn = DINO_LOSS_IMPLS[impl]
         self.register_buffer("center", torch.zeros(1, out_dim), persistent=True)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """student_logits: (n_crops * B, K) crop-major; teacher_logits: (n_global_crops * B, K)."""
+        if self.impl == "triton":
+            loss, batch_sum = dino_loss_and_center_sum(
+                student_logits, teacher_logits, self.center, self.student_temp, teacher_temp, self.n_global_crops
+            )
+            self.update_center_from_sum(batch_sum, teacher_logits.shape[0])
+            return loss
         loss = self._loss_fn(
             student_logits, teacher_logits, self.center, self.student_temp, teacher_temp, self.n_global_crops
         )
@@ -49,8 +59,12 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
         """EMA update of the centre with the teacher mean over every rank's rows (same row count per rank)."""
-        batch_sum = teacher_batch_center(teacher_logits)  # (1, K)
-        batch_center_mean = all_reduce_sum_(batch_sum) / (teacher_logits.shape[0] * world_size())  # (1, K)
+        self.update_center_from_sum(teacher_batch_center(teacher_logits), teacher_logits.shape[0])
+
+    @torch.no_grad()
+    def update_center_from_sum(self, batch_sum: Tensor, rows: int) -> None:
+        """EMA update from this rank's teacher row sum (1, K) over ``rows`` rows (all-reduced here)."""
+        batch_center_mean = all_reduce_sum_(batch_sum) / (rows * world_size())  # (1, K)
         self.center.copy_(update_center(self.center, batch_center_mean, self.center_momentum))
 
     def extra_repr(self) -> str:

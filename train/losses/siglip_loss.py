@@ -4,9 +4,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kernels.contrastive_reference import siglip_loss
+from kernels.siglip_triton import siglip_loss_triton
 from train.losses.distributed import gather_with_grad
 
-SIGLIP_LOSS_IMPLS = {"torch": siglip_loss}
+SIGLIP_LOSS_IMPLS = {"torch": siglip_loss, "triton": siglip_loss_triton}  # triton: fused, falls back to torch on CPU
 
 
 class SigLipLoss(nn.Module):
@@ -21,6 +22,7 @@ class SigLipLoss(nn.Module):
         if impl not in SIGLIP_LOSS_IMPLS:
             raise ValueError(f"unknown SigLipLoss impl {impl!r}; valid: {sorted(SIGLIP_LOSS_IMPLS)}")
         self.impl = impl
+        self.native_dtype = impl == "triton"  # the fused kernel reads bf16 features as they are (callers skip .float())
         self.check_sizes = check_sizes
         self._loss_fn = SIGLIP_LOSS_IMPLS[impl]
 

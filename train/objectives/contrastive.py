@@ -74,7 +74,9 @@ class ContrastiveObjective(Objective):
 
 # ----------------------------------------------------------------------------- shared with the hybrid objective
 def contrastive_loss_terms(loss_fn, out: dict[str, torch.Tensor], sigmoid: bool) -> dict[str, torch.Tensor]:
-    image, text = out["image_features"].float(), out["text_features"].float()  # (B, E) each
+    native = getattr(loss_fn, "native_dtype", False)  # the fused kernels read bf16 features without an fp32 copy
+    image, text = ((out["image_features"], out["text_features"]) if native
+                   else (out["image_features"].float(), out["text_features"].float()))  # (B, E) each
     scale = out["logit_scale"].float()
     if sigmoid:
         loss = loss_fn(image, text, scale, out["logit_bias"].float())

@@ -88,9 +88,13 @@ class DinoDistillation:
             teacher_logits = self.teacher(global_crops)  # (G*B, K)
         temp = self.teacher_temp(step)
         with torch.no_grad():  # collapse monitor: uniform collapse -> log K, one-hot collapse -> 0 (before the centre moves)
-            probs = torch.softmax((teacher_logits.float() - self.loss_fn.center) / temp, dim=-1)  # (G*B, K)
+            sample = teacher_logits[:256].float()  # a bounded slice: no (G*B, K) fp32 copy beside the fused loss
+            probs = torch.softmax((sample - self.loss_fn.center) / temp, dim=-1)  # (<=256, K)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        loss = self.loss_fn(student_logits.float(), teacher_logits.float(), temp)
+        if getattr(self.loss_fn, "native_dtype", False):  # the fused kernel reads bf16 logits without fp32 copies
+            loss = self.loss_fn(student_logits, teacher_logits, temp)
+        else:
+            loss = self.loss_fn(student_logits.float(), teacher_logits.float(), temp)
         return {"loss": loss, "metric/teacher_temp": torch.tensor(temp), "metric/teacher_entropy": entropy}
 
     @torch.no_grad()
