@@ -1,7 +1,12 @@
-"""Make `python launch/x.py` work from a checkout without installation (repo root on sys.path)."""
+"""Make `python launch/x.py` import the repo's packages: the repo root goes first on sys.path.
+
+Python puts launch/ itself first; without this, `launch/eval.py` would shadow the `eval` package even when
+the root is already on sys.path (PYTHONPATH, editable installs).
+"""
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = str(Path(__file__).resolve().parents[1])
+while ROOT in sys.path:
+    sys.path.remove(ROOT)
+sys.path.insert(0, ROOT)

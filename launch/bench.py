@@ -4,6 +4,7 @@
     python launch/bench.py train --model vit_b16 --objective clip --batch 8 --vs open_clip --json out.json
     python launch/bench.py data  ...        (loader throughput)
     python launch/bench.py loss  ...        (loss kernels: time and memory)
+    python launch/bench.py eval  ...        (evaluation harness: feature extraction, probe time)
 
 Each module defines `add_parser(subparsers)`; its parser sets `func(args) -> exit code` and
 optionally `check(parser, args)` for argument validation. Results go to stdout and, with
@@ -19,7 +20,7 @@ from typing import Optional
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-SUBCOMMANDS = ("train", "data", "loss")
+SUBCOMMANDS = ("train", "data", "loss", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):  # the subcommand parses its own arguments (bench_eval)
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "check", None):
         args.check(parser, args)
     from train.config_loader import ConfigError

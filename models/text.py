@@ -20,6 +20,7 @@ class TextTowerConfig:
     eot_id: Optional[int] = None  # pool at the first occurrence of this id; None: at argmax(ids) (open_clip)
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-5
+    act: str = "gelu"  # gelu | quick_gelu (OpenAI CLIP weights)
 
 
 class TextTransformer(nn.Module):
@@ -33,7 +34,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_eps=cfg.norm_eps)
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True, norm_eps=cfg.norm_eps, act=cfg.act)
             for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)

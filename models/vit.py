@@ -43,6 +43,7 @@ class ViTConfig:
     norm_eps: float = 1e-6  # DINO 1e-6; open_clip 1e-5
     patch_bias: bool = True  # open_clip's conv1 has no bias
     attn_backend: str = "sdpa"
+    act: str = "gelu"  # gelu | quick_gelu (OpenAI CLIP weights)
 
     def resolved(self) -> "ViTConfig":
         if self.size not in VIT_SIZES:
@@ -72,7 +73,8 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(W, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.ModuleList(
-            Block(W, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.layer_scale, cfg.norm_eps, cfg.attn_backend)
+            Block(W, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.layer_scale, cfg.norm_eps, cfg.attn_backend,
+                  cfg.act)
             for i in range(cfg.depth))
         self.norm = nn.LayerNorm(W, eps=cfg.norm_eps)
         self._init_weights()

@@ -174,9 +174,20 @@ def test_unsupported_layout(small, key, message):
         convert_open_clip_state_dict({**small["state"], key: torch.zeros(4)}, SMALL_CFG)
 
 
+def test_quick_gelu_models_convert_with_parity():
+    """OpenAI-pretrained weights (the -quickgelu models) run QuickGELU; the config flag selects it."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL_CFG)
+    oc = open_clip.model.CLIP(embed_dim=cfg.pop("embed_dim"), quick_gelu=True, **cfg).eval()
+    case = make_case(oc, 32, 16, 100)
+    ours, export_cfg = convert_open_clip_state_dict(case["state"], {**SMALL_CFG, "quick_gelu": True})
+    assert export_cfg["vision"]["act"] == "quick_gelu" and export_cfg["text"]["act"] == "quick_gelu"
+    assert_matches(ours, case["ref"], case["images"], case["tokens"], oc)
+    plain, _ = convert_open_clip_state_dict(case["state"], SMALL_CFG)  # without the flag: GELU, and it shows
+    assert (reference(plain, case["images"], case["tokens"])["image"] - case["ref"]["image"]).abs().max() > 1e-4
+
+
 def test_unsupported_config_flags(small):
-    with pytest.raises(ValueError, match="quick_gelu"):
-        convert_open_clip_state_dict(small["state"], {**SMALL_CFG, "quick_gelu": True})
     with pytest.raises(ValueError, match="pool_type='avg'"):
         convert_open_clip_state_dict(small["state"], {**SMALL_CFG, "vision_cfg": {**SMALL_CFG["vision_cfg"],
                                                                                     "pool_type": "avg"}})

@@ -8,6 +8,7 @@ from train import checkpoint as ckpt
 from train.config_loader import load_config
 from train.objectives.contrastive import ContrastiveObjective
 from train.plots import read_jsonl
+from models.vit import VisionTransformer
 from train.trainer import NonFiniteLossError, train
 
 CONFIG = "launch/configs/pretrain/tiny_clip.yaml"
@@ -123,3 +124,24 @@ def test_wandb_modes(tiny_world, tmp_path, monkeypatch):
     train(config(tiny_world, tmp_path, "schedule.steps=2", "checkpoint.every=0", "logging.wandb=auto"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_init_from_an_export_and_resume_wins(tiny_world, tmp_path):
+    from models.export import load_export
+
+    train(config(tiny_world, tmp_path / "clip", "schedule.steps=2", "checkpoint.every=0"))
+    source = tmp_path / "clip" / "export" / "step_0000002"
+    dino_cfg = load_config("launch/configs/pretrain/tiny_dino.yaml", tiny_overrides(
+        tiny_world, tmp_path / "dino", "data.workers=1", "schedule.steps=1", "checkpoint.every=0", "optim.lr=0",
+        f"model.init_from={source}"))
+    train(dino_cfg)  # lr 0: the student stays at the CLIP image tower, and so does the EMA teacher (to rounding)
+    clip_model, _ = load_export(source)
+    teacher, _ = load_export(tmp_path / "dino" / "export" / "step_0000001")
+    pairs = list(zip(clip_model.visual.state_dict().values(), teacher.state_dict().values()))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in pairs)
+    fresh = VisionTransformer(teacher.cfg).state_dict()  # and that is not what a fresh init gives
+    assert not all(torch.allclose(a, b) for a, b in zip(fresh.values(), teacher.state_dict().values()))
+    wrong = load_config(CONFIG, tiny_overrides(tiny_world, tmp_path / "bad", "model.vision.size=tiny",
+                                               f"model.init_from={source}"))
+    with pytest.raises(ValueError, match="architecture differs"):
+        train(wrong)

@@ -63,6 +63,7 @@ class ModelConfig:
     frozen_text: FrozenTextConfig = field(default_factory=FrozenTextConfig)
     dino_head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
     embed_dim: int = 512  # joint image-text embedding width (CLIP / SigLIP)
+    init_from: str = ""  # an export folder (ours or converted): its vision tower initialises the student (not on resume)
 
 
 @dataclass

@@ -79,8 +79,11 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     precision = "fp32" if precision == "auto" else precision
 
     # ---------------------------------------------------------------- model, optimizer, engine
+    resume_from = ckpt.find_resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     seed_everything(cfg.seed)  # identical initial weights (and EMA teacher) on every rank
     objective = build_objective(cfg, steps_per_epoch, total_steps)
+    if cfg.model.init_from and resume_from is None:  # a resumed run's checkpoint wins
+        objective.init_vision_from(cfg.model.init_from)
     if cfg.model.vision.grad_checkpointing:
         objective.student.set_grad_checkpointing(True)
     objective.to(dist.device)
@@ -97,7 +100,6 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- resume
     start_step, samples_seen, nonfinite_total = 0, 0, 0
-    resume_from = ckpt.find_resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     if resume_from is not None:
         client, rank_state = ckpt.load_checkpoint(engine, resume_from, dist.rank)
         objective.load_state_dict(client["objective"])
@@ -109,6 +111,11 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, cfg, total_steps, start_step, dist.is_main, config_dict)
+    watcher = None
+    if cfg.eval.watch:  # a separate process (rank 0's) evaluates each export as it appears (eval/watcher.py)
+        from eval.watcher import watch_from_config
+
+        watcher = watch_from_config(cfg, run_dir, logger.write, start=dist.is_main)  # checks on every rank
     flops_per_sample = objective.flops_per_sample()
     peak, peak_source = peak_flops(dist.device, precision, cfg.logging.peak_flops)
     logger.write(f"[clipdino] {cfg.objective.name}: {sum(p.numel() for p in objective.student.parameters()) / 1e6:.2f}M "
@@ -206,6 +213,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 save(total_steps)
     finally:
         logger.close()
+        if watcher is not None:
+            watcher.finish()  # it evaluates the remaining exports (the final one too), then exits
     if dist.is_main and (run_dir / "metrics.jsonl").exists():
         from train.plots import plot_loss
 

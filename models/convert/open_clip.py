@@ -9,8 +9,8 @@ optional, layer scale, class-token pooling, SigLIP `logit_bias`); plain, DDP (`m
 ratio, patch / image size, context, vocabulary and embed dim. Head counts are invisible in weights: they
 come from the open_clip model config when given (width // head_width, text `heads`), else width // 64
 (at least 1), as in every stock open_clip ViT config. Flags that change the computation but not the weights
-(QuickGELU, avg pooling, non-causal text) are only visible in the config, so pass it for non-stock models;
-`quick_gelu` (OpenAI-pretrained weights) is refused: clipdino's blocks use exact GELU.
+(QuickGELU, avg pooling, non-causal text) are only visible in the config, so pass it for non-stock models:
+`quick_gelu: true` (OpenAI-pretrained weights, the `-quickgelu` models) selects the blocks' QuickGELU.
 
 Text: open_clip uses the OpenAI CLIP BPE tokenizer, which clipdino does not ship. Exports record
 `"tokenizer": None`, `"text_tokenizer": "openai-clip-bpe"`; tokenise with `open_clip.tokenize`. Pooling at
@@ -97,8 +97,7 @@ def _unwrap(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 def _unsupported_config(model_cfg: dict[str, Any]) -> list[str]:
     """Options of an open_clip model config that clipdino's CLIP cannot reproduce."""
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    found = ["quick_gelu"] if model_cfg.get("quick_gelu") else []
-    found += [f"vision_cfg.{k}={vision[k]!r}" for k in _VISION_FLAGS if vision.get(k)]
+    found = [f"vision_cfg.{k}={vision[k]!r}" for k in _VISION_FLAGS if vision.get(k)]
     found += [f"text_cfg.{k}={text[k]!r}" for k in _TEXT_FLAGS if text.get(k)]
     found += ["vision_cfg.layers as a list (ModifiedResNet)"] if isinstance(vision.get("layers"), (list, tuple)) else []
     for name, cfg, key, allowed in (("vision_cfg", vision, "pool_type", ("tok",)), ("text_cfg", text, "pool_type",
@@ -132,6 +131,7 @@ def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, 
                   ) -> tuple[ViTConfig, TextTowerConfig, int]:
     """(vision config, text config, embed dim) from tensor shapes (+ head counts / eps from `model_cfg`)."""
     vcfg, tcfg = (model_cfg or {}).get("vision_cfg", {}), (model_cfg or {}).get("text_cfg", {})
+    act = "quick_gelu" if (model_cfg or {}).get("quick_gelu") else "gelu"
     conv = _require(state, "visual.conv1.weight", 4)
     width, patch = conv.shape[0], conv.shape[-1]
     if conv.shape[-2] != patch:
@@ -151,7 +151,7 @@ def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, 
     vision = ViTConfig(size=size, patch_size=patch, image_size=grid * patch, width=width, depth=depth, heads=heads,
                        mlp_ratio=mlp_ratio, qkv_bias=True, layer_scale=(vcfg.get("ls_init_value") or 1e-5) if has_ls
                        else None, pre_norm="visual.ln_pre.weight" in state or "visual.ln_pre.bias" in state,
-                       norm_eps=(vcfg.get("norm_kwargs") or {}).get("eps", 1e-5), patch_bias=False)
+                       norm_eps=(vcfg.get("norm_kwargs") or {}).get("eps", 1e-5), patch_bias=False, act=act)
 
     vocab, text_width = _require(state, "token_embedding.weight", 2).shape
     context = _require(state, "positional_embedding", 2).shape[0]
@@ -167,7 +167,7 @@ def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, 
     text = TextTowerConfig(vocab_size=vocab, width=text_width, heads=text_heads, layers=layers,
                            context_length=context, mlp_ratio=text_mlp_ratio,
                            eot_id=tcfg.get("eos_id", 2) if tcfg.get("pool_type") == "eos" else None,
-                           norm_eps=(tcfg.get("norm_kwargs") or {}).get("eps", 1e-5))
+                           norm_eps=(tcfg.get("norm_kwargs") or {}).get("eps", 1e-5), act=act)
     text_embed = _require(state, "text_projection", 2).shape[1]
     if text_embed != embed_dim or model_cfg and model_cfg.get("embed_dim", embed_dim) != embed_dim:
         raise ValueError(f"embed dims disagree: visual.proj {embed_dim}, text_projection {text_embed}, "

@@ -46,6 +46,15 @@ class Objective(ABC):
     def export(self) -> tuple[nn.Module, str, dict[str, Any]]:
         """(module, kind, config) written to export/step_NNNNNNN/: kind 'vit' or 'clip'."""
 
+    @abstractmethod
+    def vision_tower(self) -> nn.Module:
+        """The student's VisionTransformer (what `model.init_from` initialises)."""
+
+    def init_vision_from(self, export_dir: str) -> None:
+        from models.convert.init_from import init_vision_from_export
+
+        init_vision_from_export(self.vision_tower(), export_dir)
+
     def after_step(self, step: int) -> dict[str, float]:
         """Called after every optimizer step (skipped steps too: schedules stay on the step clock)."""
         return {}

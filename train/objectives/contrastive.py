@@ -62,6 +62,9 @@ class ContrastiveObjective(Objective):
         out = student(batch.images, batch.tokens, batch.attention_mask)
         return contrastive_loss_terms(self.loss_fn, out, self.sigmoid)
 
+    def vision_tower(self) -> torch.nn.Module:
+        return self.student.visual
+
     def data_processor(self) -> SampleProcessor:
         return SampleProcessor(clip_transform=clip_transform_from(self.cfg), text_encoder=self.text_encoder)
 

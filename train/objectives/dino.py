@@ -135,6 +135,10 @@ class WithDinoTeacher:
     def after_step(self, step: int) -> dict[str, float]:
         return self.distill.update_teacher(step)
 
+    def init_vision_from(self, export_dir: str) -> None:
+        super().init_vision_from(export_dir)
+        self.distill.teacher.backbone.load_state_dict(self.vision_tower().state_dict())  # the teacher starts equal
+
     def group_of(self, param_name: str) -> str:
         return "last_layer" if param_name.startswith("head.last_layer") else ""
 
@@ -164,6 +168,9 @@ class DinoObjective(WithDinoTeacher, Objective):
 
     def compute_loss(self, student: Callable, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         return self.distill.loss(student(batch.crops), batch.crops, step)
+
+    def vision_tower(self) -> nn.Module:
+        return self.student.backbone
 
     def data_processor(self) -> SampleProcessor:
         return SampleProcessor(dino_transform=dino_transform_from(self.cfg))

@@ -55,6 +55,9 @@ class HybridObjective(WithDinoTeacher, Objective):
         terms.update({k: v for k, v in {**clip_terms, **dino_terms}.items() if k.startswith("metric/")})
         return terms
 
+    def vision_tower(self) -> nn.Module:
+        return self.student.clip.visual
+
     def data_processor(self) -> SampleProcessor:
         processor = self.contrastive.data_processor()
         processor.dino_transform = dino_transform_from(self.cfg)

@@ -1,0 +1,227 @@
+"""Feature extraction (last-layer CLS, + joint-space image embeddings for CLIP exports), cached on disk.
+
+    feats = extract_features(model, config, data, "val", settings, export_dir=..., cache_dir=...)
+    feats.cls  # (N, D) final-norm CLS tokens     feats.embeds  # (N, E) L2-normalised, clip exports only
+
+Images go through the probing protocol's transform (`data.transforms.EvalTransform`: bicubic resize of
+the short side, centre crop, normalise). A cache entry is keyed by the export (resolved path, weight file
+size + mtime, config.json content), the split's shards (names, sizes, mtimes), image size, mean / std,
+precision and FEATURE_VERSION, so a re-run with the same inputs loads instantly and any change recomputes.
+Entries are a safetensors file + a JSON sidecar (keys, captions), written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from data.transforms import EvalTransform
+from eval.data import EvalData, decode_sample, iter_samples
+
+FEATURE_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Features:
+    keys: list[str]
+    cls: torch.Tensor  # (N, D) float32
+    labels: torch.Tensor  # (N,) int64, -1 = no label
+    captions: list[str]
+    embeds: Optional[torch.Tensor] = None  # (N, E) float32, unit norm (clip exports)
+    factors: Optional[torch.Tensor] = None  # (N, F) int64 (synthetic world)
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class ExtractSettings:
+    image_size: int
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
+    progress: bool = True
+
+    def transform(self) -> EvalTransform:
+        return EvalTransform(self.image_size, tuple(self.mean), tuple(self.std))
+
+
+class _ShardImages(IterableDataset):
+    """Decoded, transformed samples; loader worker w reads shards w, w + n, ... (order restored afterwards)."""
+
+    def __init__(self, data: EvalData, shards: list[Path], transform: Callable):
+        self.data, self.shards, self.transform = data, shards, transform
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        mine = list(range(wid, len(self.shards), n))
+        for local, position, sample in iter_samples([self.shards[i] for i in mine]):
+            item = decode_sample(sample, self.data)
+            item["image"] = self.transform(item["image"])  # (3, S, S) float
+            item["order"] = (mine[local], position)
+            yield item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"images": torch.stack([it["image"] for it in items]), "keys": [it["key"] for it in items],
+            "labels": [it["label"] for it in items], "captions": [it["caption"] for it in items],
+            "factors": [it["factors"] for it in items], "order": [it["order"] for it in items]}
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, kind: str, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, 3, S, S) -> (CLS (B, D), unit-norm joint embedding (B, E) or None), both float32."""
+    if kind == "clip":
+        cls = model.visual(images)  # (B, D)
+        return cls.float(), F.normalize(model.visual_proj(cls).float(), dim=-1)
+    return model(images).float(), None
+
+
+def _autocast(settings: ExtractSettings):
+    if settings.precision == "bf16" and settings.device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def export_identity(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """What identifies an export's weights for caching (no full hash: ViT-B weights are 350 MB)."""
+    folder = Path(export_dir).resolve()
+    st = (folder / "model.safetensors").stat()
+    config = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    return {"path": str(folder), "weights_bytes": st.st_size, "weights_mtime_ns": st.st_mtime_ns, "config": config}
+
+
+def cache_key(identity: dict[str, Any], data: EvalData, split: str, settings: ExtractSettings) -> str:
+    payload = {"version": FEATURE_VERSION, "export": identity, "data": data.fingerprint(split), "kind": data.kind,
+               "image_size": settings.image_size, "mean": list(settings.mean), "std": list(settings.std),
+               "precision": settings.precision}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def extract_features(model: nn.Module, kind: str, data: EvalData, split: str, settings: ExtractSettings,
+                     export_dir: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None,
+                     log: Callable[[str], None] = lambda m: None) -> Features:
+    """Features of every sample of `split`, from the cache when the same inputs were seen before."""
+    path = None
+    if cache_dir is not None and export_dir is not None:
+        key = cache_key(export_identity(export_dir), data, split, settings)
+        path = Path(cache_dir) / f"{split}-{key}.safetensors"
+        if path.is_file() and path.with_suffix(".json").is_file():
+            log(f"features: {split} from cache {path}")
+            return load_features(path)
+    feats = _run(model, kind, data, split, settings)
+    if path is not None:
+        save_features(feats, path)
+    return feats
+
+
+def _run(model: nn.Module, kind: str, data: EvalData, split: str, settings: ExtractSettings) -> Features:
+    shards = data.shards(split)
+    dataset = _ShardImages(data, shards, settings.transform())
+    workers = min(settings.workers, len(shards))
+    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers, collate_fn=_collate,
+                        pin_memory=settings.device.startswith("cuda"), persistent_workers=False)
+    total = _expected_samples(data, shards)
+    model = model.to(settings.device).eval()
+    rows: list[dict[str, Any]] = []
+    cls_parts, emb_parts = [], []
+    bar = tqdm(total=total, unit="img", desc=f"features {split}", disable=not settings.progress, leave=False)
+    with bar, torch.inference_mode(), _autocast(settings):
+        for batch in loader:
+            cls, emb = encode_images(model, kind, batch["images"].to(settings.device, non_blocking=True))
+            cls_parts.append(cls.cpu())
+            if emb is not None:
+                emb_parts.append(emb.cpu())
+            rows.extend(dict(zip(("key", "label", "caption", "factors", "order"), r)) for r in zip(
+                batch["keys"], batch["labels"], batch["captions"], batch["factors"], batch["order"]))
+            bar.update(len(batch["keys"]))
+    if not rows:
+        raise ValueError(f"no samples in the {split} shards of {data.root}")
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["order"])  # archive order, whatever the workers did
+    index = torch.tensor(order)
+    rows = [rows[i] for i in order]
+    factors = torch.tensor([r["factors"] for r in rows], dtype=torch.long) if rows[0]["factors"] is not None else None
+    return Features(keys=[r["key"] for r in rows], cls=torch.cat(cls_parts)[index],
+                    labels=torch.tensor([r["label"] for r in rows], dtype=torch.long),
+                    captions=[r["caption"] for r in rows],
+                    embeds=torch.cat(emb_parts)[index] if emb_parts else None, factors=factors)
+
+
+def _expected_samples(data: EvalData, shards: list[Path]) -> Optional[int]:
+    sizes = data.root / "sizes.json"
+    if not sizes.is_file():
+        return None
+    table = json.loads(sizes.read_text())
+    return sum(int(table.get(p.name, 0)) for p in shards) or None
+
+
+@torch.no_grad()
+def encode_pil(model: nn.Module, kind: str, images: list, settings: ExtractSettings
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Features of in-memory PIL images (controlled pairs), batched like extract_features."""
+    transform = settings.transform()
+    model = model.to(settings.device).eval()
+    cls_parts, emb_parts = [], []
+    for start in range(0, len(images), settings.batch_size):
+        batch = torch.stack([transform(_pil_to_uint8(im)) for im in images[start:start + settings.batch_size]])
+        with _autocast(settings):
+            cls, emb = encode_images(model, kind, batch.to(settings.device))
+        cls_parts.append(cls.cpu())
+        if emb is not None:
+            emb_parts.append(emb.cpu())
+    return torch.cat(cls_parts), torch.cat(emb_parts) if emb_parts else None
+
+
+def _pil_to_uint8(image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def save_features(feats: Features, path: Path) -> None:
+    tensors = {"cls": feats.cls.contiguous(), "labels": feats.labels.contiguous()}
+    if feats.embeds is not None:
+        tensors["embeds"] = feats.embeds.contiguous()
+    if feats.factors is not None:
+        tensors["factors"] = feats.factors.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    save_file(tensors, tmp)
+    side = path.with_suffix(".json")
+    side_tmp = f"{tmp}.json"
+    Path(side_tmp).write_text(json.dumps({"keys": feats.keys, "captions": feats.captions}))
+    os.replace(side_tmp, side)  # the sidecar first: an entry counts once its tensors file appears
+    os.replace(tmp, path)
+
+
+def load_features(path: Path) -> Features:
+    tensors = load_file(str(path))
+    side = json.loads(path.with_suffix(".json").read_text())
+    return Features(keys=side["keys"], cls=tensors["cls"], labels=tensors["labels"], captions=side["captions"],
+                    embeds=tensors.get("embeds"), factors=tensors.get("factors"), from_cache=True)
+
+
+def settings_dict(settings: ExtractSettings) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items() if k != "progress"}

@@ -1,0 +1,317 @@
+"""Evaluate every new complete export of a run folder, once, beside (or after) the training.
+
+    Watcher(run_dir, tasks="linear_probe,knn", data="data_cache/synthetic").run(once=True)
+    handle = start_watcher(run_dir, tasks, data)   # the trainer (rank 0), eval.watch=true
+    handle.finish()                                # end of training: evaluate what is left, then exit
+
+- An export counts when `export/step_NNNNNNN/` (exact name: the trainer's temp folders `.step_*.tmp-*` never
+  match) holds a clipdino `config.json` and a `model.safetensors` whose size matches its own header, so a
+  folder still being copied is skipped and picked up on a later poll.
+- Each export is evaluated in its own process (`launch/eval.py`), so a crash, an OOM or a hang (with
+  `eval_timeout`) of one evaluation costs that export only; the watcher records it and goes on.
+- `RUN_DIR/evals.jsonl` is the ledger: one row per evaluated export (ok or failed), appended after the
+  evaluation ends; exports with a row are never evaluated again, across watcher restarts (`retry_failed`
+  re-runs failed ones). A lock file keeps two watchers off the same run.
+- After each evaluation `RUN_DIR/evals.md` (a table of every summary metric by step) and `RUN_DIR/evals.png`
+  (metric against step) are regenerated; per-export outputs live in `RUN_DIR/evals/step_NNNNNNN/`.
+Ending: with `stop_file`, the watcher evaluates what is left and exits once that file exists (the trainer's
+`finish()` creates it); with `follow_pid`, once that process is gone (a crashed trainer); SIGTERM / SIGINT:
+exit after the current evaluation. (A file, not a signal: a signal sent while the watcher is still starting
+would kill it before its handler exists.)
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORT_NAME = re.compile(r"^step_(\d{7,})$")
+LEDGER, REPORT, PLOT, LOCK, STOP = "evals.jsonl", "evals.md", "evals.png", ".evals.lock", ".evals.stop"
+
+
+class WatcherBusy(RuntimeError):
+    pass
+
+
+def safetensors_complete(path: Path) -> bool:
+    """Header readable and the file exactly as long as the header says (a partial copy is shorter)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return False
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return size == 8 + n + max(ends, default=0)
+
+
+def export_complete(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("format") == "clipdino-export" and safetensors_complete(folder / "model.safetensors")
+
+
+def complete_exports(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's complete exports, by step."""
+    folder = run_dir / "export"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := EXPORT_NAME.match(p.name)) and p.is_dir()]
+    return sorted((step, p) for step, p in found if export_complete(p))
+
+
+def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / LEDGER
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line (killed mid-write): that export is simply evaluated again
+    return rows
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Watcher:
+    def __init__(self, run_dir: str | os.PathLike, tasks: str, data: str, interval: float = 30.0,
+                 eval_args: Sequence[str] = (), eval_timeout: Optional[float] = None, retry_failed: bool = False,
+                 log: Callable[[str], None] = lambda m: print(m, flush=True)):
+        self.run_dir, self.tasks, self.data = Path(run_dir), tasks, data
+        self.interval, self.eval_args, self.eval_timeout = interval, list(eval_args), eval_timeout
+        self.retry_failed, self.log = retry_failed, log
+        self.stopping = False
+
+    # ------------------------------------------------------------------ one export
+    def pending(self) -> list[tuple[int, Path]]:
+        done = {r["export"] for r in read_ledger(self.run_dir)
+                if r.get("status") == "ok" or not self.retry_failed}
+        return [(s, p) for s, p in complete_exports(self.run_dir) if p.name not in done]
+
+    def evaluate(self, step: int, export: Path) -> dict[str, Any]:
+        out = self.run_dir / "evals" / export.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").unlink(missing_ok=True)  # a stale file from an interrupted attempt must not count
+        cmd = [sys.executable, str(REPO / "launch" / "eval.py"), "--checkpoint", str(export), "--data", self.data,
+               "--out", str(out), "--tasks", self.tasks, "--no-cache", "--no-progress", *self.eval_args]
+        self.log(f"[watch] evaluating {export} -> {out}")
+        start = time.perf_counter()
+        row: dict[str, Any] = {"step": step, "export": export.name, "out": str(out.relative_to(self.run_dir))}
+        with open(out / "eval.log", "w") as log_file:
+            try:
+                rc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=self.eval_timeout,
+                                    cwd=str(REPO)).returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+        row["time_s"] = round(time.perf_counter() - start, 2)
+        results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
+        if results is not None:
+            row["summary"] = results.get("summary", {})
+            row["failed_tasks"] = results.get("failed", [])
+        if rc == 0 and results is not None:
+            row["status"] = "ok"
+        else:
+            row["status"] = "failed"
+            row["error"] = (f"timed out after {self.eval_timeout} s" if rc is None else
+                            _last_error_line(out / "eval.log") or f"exit code {rc}")
+        row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        return row
+
+    def record(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / LEDGER, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            self.regenerate()
+        except Exception as e:  # a report that cannot be drawn must not stop the evaluations
+            self.log(f"[watch] could not regenerate {REPORT} / {PLOT}: {type(e).__name__}: {e}")
+
+    def regenerate(self) -> None:
+        from eval.plots import metrics_vs_step
+
+        rows = sorted(read_ledger(self.run_dir), key=lambda r: r.get("step", 0))
+        (self.run_dir / REPORT).write_text(render_ledger(rows, self.run_dir.name))
+        ok = [r for r in rows if r.get("summary")]
+        if ok:
+            metrics_vs_step(ok, self.run_dir / PLOT, f"evaluations of {self.run_dir.name}")
+
+    # ------------------------------------------------------------------ loops
+    def run_once(self) -> int:
+        """Evaluate every pending export; returns how many were evaluated."""
+        count = 0
+        for step, export in self.pending():
+            if self.stopping:
+                break
+            try:
+                row = self.evaluate(step, export)
+            except Exception as e:  # the watcher's own trouble (disk full, ...) costs this export only
+                row = {"step": step, "export": export.name, "status": "failed",
+                       "error": f"watcher: {type(e).__name__}: {e}"}
+            self.record(row)
+            self.log(f"[watch] step {step}: {row['status']}" + (f" ({row['error']})" if "error" in row else ""))
+            count += 1
+        return count
+
+    def run(self, once: bool = False, follow_pid: Optional[int] = None,
+            stop_file: Optional[str | os.PathLike] = None) -> int:
+        def over() -> bool:
+            return ((stop_file is not None and Path(stop_file).exists())
+                    or (follow_pid is not None and not _pid_alive(follow_pid)))
+
+        with _lock(self.run_dir):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+            total = 0
+            while not self.stopping:
+                ending = once or over()  # decided before the scan: an export written just before the end counts
+                total += self.run_once()
+                if ending:
+                    break
+                deadline = time.monotonic() + self.interval
+                while time.monotonic() < deadline and not (self.stopping or over()):
+                    time.sleep(min(0.5, self.interval))
+            return total
+
+
+class _lock:
+    """An exclusive, non-blocking flock on RUN_DIR/.evals.lock for the watcher's lifetime."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+
+    def __enter__(self) -> "_lock":
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise WatcherBusy(f"another watcher (pid {holder}) is evaluating {self.path.parent}") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def _last_error_line(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    errors = [ln for ln in lines if ln.startswith("error:") or "Error" in ln]
+    return (errors or lines or [""])[-1][:300]
+
+
+def render_ledger(rows: list[dict[str, Any]], title: str) -> str:
+    """evals.md: every summary metric by step; failures listed with their error."""
+    metrics = sorted({k for r in rows for k in (r.get("summary") or {})})
+    lines = [f"# Evaluations: {title}", "", f"{len(rows)} export(s) evaluated; figures: [{PLOT}]({PLOT}); per-export "
+             "details in `evals/step_NNNNNNN/results.md`.", ""]
+    if metrics:
+        lines += ["| step | status | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+        for r in rows:
+            s = r.get("summary") or {}
+            cells = [f"{s[m]:.4g}" if isinstance(s.get(m), (int, float)) else "—" for m in metrics]
+            lines.append(f"| {r.get('step')} | {r.get('status')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    failed = [r for r in rows if r.get("status") != "ok" or r.get("failed_tasks")]
+    if failed:
+        lines += ["## Failures", ""]
+        lines += [f"- step {r.get('step')}: {r.get('error') or 'task(s) failed: ' + ', '.join(r['failed_tasks'])} "
+                  f"(log: `{r.get('out')}/eval.log`)" for r in failed]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- trainer side
+class WatcherProcess:
+    """A watcher started as a separate process by the trainer."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path, stop_file: Path):
+        self.proc, self.log_path, self.stop_file = proc, log_path, stop_file
+
+    def finish(self, wait: bool = False, timeout: Optional[float] = None) -> Optional[int]:
+        """Training is over: the watcher evaluates the remaining exports, then exits (wait=True: block)."""
+        self.stop_file.touch()
+        return self.proc.wait(timeout) if wait else self.proc.poll()
+
+
+def start_watcher(run_dir: str | os.PathLike, tasks: str, data: str = "", extra: Sequence[str] = (),
+                  log: Callable[[str], None] = print) -> WatcherProcess:
+    """Start launch/watch_evals.py on `run_dir` in its own session, following this process."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop_file = run_dir / STOP
+    stop_file.unlink(missing_ok=True)  # from an earlier invocation of this run (resume)
+    cmd = [sys.executable, str(REPO / "launch" / "watch_evals.py"), str(run_dir), "--tasks", tasks,
+           "--follow-pid", str(os.getpid()), "--stop-file", str(stop_file), "--interval", "10"]
+    cmd += ["--data", data] if data else []
+    if extra:
+        cmd += ["--", *extra]
+    log_path = run_dir / "evals.log"
+    with open(log_path, "a") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=str(REPO))
+    log(f"[clipdino] eval watcher started (pid {proc.pid}): results in {run_dir / REPORT}, log {log_path}")
+    return WatcherProcess(proc, log_path, stop_file)
+
+
+def default_eval_data(run_dir: Path, eval_data: str = "", train_pattern: str = "") -> str:
+    """eval.data, else the synthetic world beside data.train (from the arguments or RUN_DIR/config.yaml)."""
+    if not (eval_data or train_pattern) and (run_dir / "config.yaml").is_file():
+        import yaml
+
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        eval_data = (cfg.get("eval") or {}).get("data") or ""
+        train_pattern = (cfg.get("data") or {}).get("train") or ""
+    if eval_data:
+        return eval_data
+    folder = Path(train_pattern).parent if train_pattern else None
+    if folder is not None and (folder / "world.json").is_file():
+        return str(folder)
+    raise ValueError(f"no evaluation data for {run_dir}: set eval.data (a synthetic world or labeled shards folder)"
+                     f" or pass --data; data.train={train_pattern!r} is not a synthetic world")
+
+
+def watch_from_config(cfg: Any, run_dir: str | os.PathLike, log: Callable[[str], None] = print, start: bool = True
+                      ) -> Optional[WatcherProcess]:
+    """The trainer's `eval.watch=true` hook: check eval.tasks / eval.data (raises ValueError, on every rank, so
+    no rank is left waiting), and with `start` (rank 0) start a watcher for this run."""
+    from eval.tasks import parse_tasks
+
+    parse_tasks(cfg.eval.tasks)
+    data = default_eval_data(Path(run_dir), cfg.eval.data, cfg.data.train)
+    if not Path(data).is_dir():
+        raise ValueError(f"eval.data={data!r} is not a folder")
+    if not start:
+        return None
+    import torch
+
+    extra = [] if torch.cuda.is_available() else ["--threads", "1", "--workers", "1"]  # leave the CPU to training
+    return start_watcher(run_dir, cfg.eval.tasks, data, extra, log)

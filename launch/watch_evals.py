@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Evaluate each new complete export of a run folder exactly once; keep evals.jsonl / evals.md / evals.png.
+
+    python launch/watch_evals.py runs/tiny_clip                          # poll until interrupted
+    python launch/watch_evals.py runs/tiny_clip --once --tasks linear_probe,knn
+    python launch/watch_evals.py runs/vitb16_clip --data /data/imagenet_shards -- --probe-preset paper --device cuda
+
+Arguments after `--` go to every `launch/eval.py` call. Data defaults to the run's eval.data, else the
+synthetic world beside data.train (read from RUN_DIR/config.yaml). Training starts this itself with
+`eval.watch=true`. A failed evaluation is recorded (evals.md lists it, the log is in evals/step_N/eval.log)
+and the watcher goes on. See docs/eval.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import _bootstrap  # noqa: F401  (repo root on sys.path)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = _OneLineParser(prog="launch/watch_evals.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="run folder (its export/step_NNNNNNN/ folders are evaluated)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: the run's eval.tasks, else all)")
+    p.add_argument("--data", help="evaluation data folder (default: from the run's config)")
+    p.add_argument("--once", action="store_true", help="evaluate what is there now, then exit")
+    p.add_argument("--interval", type=float, default=30.0, help="seconds between polls")
+    p.add_argument("--follow-pid", type=int, help="drain and exit when this process (the trainer) is gone")
+    p.add_argument("--stop-file", help="drain and exit once this file exists (the trainer creates it at the end)")
+    p.add_argument("--eval-timeout", type=float, help="seconds before an evaluation is killed and recorded failed")
+    p.add_argument("--retry-failed", action="store_true", help="evaluate exports whose earlier evaluation failed")
+    args = p.parse_args(argv)
+
+    from eval.context import DEFAULT_TASKS
+    from eval.tasks import parse_tasks
+    from eval.watcher import Watcher, WatcherBusy, complete_exports, default_eval_data
+
+    run_dir = Path(args.run_dir)
+    try:
+        if not run_dir.is_dir():
+            raise ValueError(f"run folder {run_dir} does not exist")
+        tasks = args.tasks or _config_tasks(run_dir) or ",".join(DEFAULT_TASKS)
+        parse_tasks(tasks)  # unknown names fail here, with a suggestion
+        data = args.data or default_eval_data(run_dir)
+        if not Path(data).is_dir():
+            raise ValueError(f"evaluation data folder {data} does not exist")
+        if args.once and not complete_exports(run_dir):
+            raise ValueError(f"no complete exports in {run_dir / 'export'}")
+        watcher = Watcher(run_dir, tasks, data, args.interval, extra, args.eval_timeout, args.retry_failed)
+        count = watcher.run(once=args.once, follow_pid=args.follow_pid, stop_file=args.stop_file)
+    except (ValueError, WatcherBusy, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"[watch] {count} export(s) evaluated; see {run_dir / 'evals.md'}", flush=True)
+    return 0
+
+
+def _config_tasks(run_dir: Path) -> str:
+    if not (run_dir / "config.yaml").is_file():
+        return ""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return (cfg.get("eval") or {}).get("tasks") or ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
