@@ -32,19 +32,7 @@ def dino_loss(
     Returns:
         Scalar loss: mean over pairs (iq, v), v != iq, of mean_b sum_k -q[iq, b, k] * log p[v, b, k].
     """
-    if teacher_logits.shape[0] % n_global_crops != 0:
-        raise ValueError(
-            f"teacher rows ({teacher_logits.shape[0]}) not divisible by n_global_crops ({n_global_crops})"
-        )
-    batch = teacher_logits.shape[0] // n_global_crops
-    if batch == 0 or student_logits.shape[0] % batch != 0:
-        raise ValueError(f"student rows ({student_logits.shape[0]}) not a multiple of the batch size ({batch})")
-    n_crops = student_logits.shape[0] // batch
-    if n_crops < n_global_crops:
-        raise ValueError(f"student has {n_crops} crops, fewer than the {n_global_crops} global crops")
-    n_pairs = n_global_crops * n_crops - n_global_crops
-    if n_pairs == 0:
-        raise ValueError("DINO loss needs at least two crops (no pair of different crops)")
+    batch, n_crops, n_pairs = crop_counts(student_logits, teacher_logits, n_global_crops)
     num_classes = student_logits.shape[1]
 
     student_log_probs = F.log_softmax(student_logits / student_temp, dim=-1)  # (V*B, K)
@@ -68,3 +56,20 @@ def teacher_batch_center(teacher_logits: Tensor) -> Tensor:
 def update_center(center: Tensor, batch_center_mean: Tensor, momentum: float) -> Tensor:
     """EMA step of the teacher centre: center * momentum + batch_center_mean * (1 - momentum)."""
     return center * momentum + batch_center_mean * (1.0 - momentum)  # (1, K)
+
+
+def crop_counts(student_logits: Tensor, teacher_logits: Tensor, n_global_crops: int) -> tuple[int, int, int]:
+    """(batch, n_crops, n_pairs), checked; a clear error for shapes that do not fit."""
+    if teacher_logits.shape[0] % n_global_crops != 0:
+        raise ValueError(
+            f"teacher rows ({teacher_logits.shape[0]}) not divisible by n_global_crops ({n_global_crops})")
+    batch = teacher_logits.shape[0] // n_global_crops
+    if batch == 0 or student_logits.shape[0] % batch != 0:
+        raise ValueError(f"student rows ({student_logits.shape[0]}) not a multiple of the batch size ({batch})")
+    n_crops = student_logits.shape[0] // batch
+    if n_crops < n_global_crops:
+        raise ValueError(f"student has {n_crops} crops, fewer than the {n_global_crops} global crops")
+    n_pairs = n_global_crops * n_crops - n_global_crops
+    if n_pairs == 0:
+        raise ValueError("DINO loss needs at least two crops (no pair of different crops)")
+    return batch, n_crops, n_pairs

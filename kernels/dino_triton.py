@@ -21,25 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.dino_reference import dino_loss, teacher_batch_center
+from kernels.dino_reference import crop_counts, dino_loss, teacher_batch_center
 from kernels.triton_runtime import DinoBlocks, backend_for, fp32_if_low, kernel_module
-
-
-def crop_counts(student_logits: Tensor, teacher_logits: Tensor, n_global_crops: int) -> tuple[int, int, int]:
-    """(batch, n_crops, n_pairs), with the reference's checks and messages."""
-    if teacher_logits.shape[0] % n_global_crops != 0:
-        raise ValueError(
-            f"teacher rows ({teacher_logits.shape[0]}) not divisible by n_global_crops ({n_global_crops})")
-    batch = teacher_logits.shape[0] // n_global_crops
-    if batch == 0 or student_logits.shape[0] % batch != 0:
-        raise ValueError(f"student rows ({student_logits.shape[0]}) not a multiple of the batch size ({batch})")
-    n_crops = student_logits.shape[0] // batch
-    if n_crops < n_global_crops:
-        raise ValueError(f"student has {n_crops} crops, fewer than the {n_global_crops} global crops")
-    n_pairs = n_global_crops * n_crops - n_global_crops
-    if n_pairs == 0:
-        raise ValueError("DINO loss needs at least two crops (no pair of different crops)")
-    return batch, n_crops, n_pairs
 
 
 def merge_slices(part: dict[str, Tensor], batch: int, n_crops: int, n_global: int

@@ -27,6 +27,22 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """The Triton kernels in the interpreter for a test module (skipped without triton); the env is restored."""
+    from kernels.triton_runtime import triton_installed, use_interpreter
+
+    if not triton_installed():
+        pytest.skip("triton is not installed")
+    before = os.environ.get("TRITON_INTERPRET")
+    use_interpreter()  # before triton is first imported
+    yield
+    if before is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+
+
 # ----------------------------------------------------------------------------- tiny training runs
 TINY_OVERRIDES = [
     "model.vision.size=micro", "model.vision.patch_size=8", "model.vision.image_size=32",

@@ -7,7 +7,6 @@ Small tiles make several row / column / feature tiles with masked tails.
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from kernels.contrastive_reference import clip_loss, siglip_loss
 from kernels.contrastive_triton import clip_loss_triton
 from kernels.siglip_triton import siglip_loss_triton
 from kernels import triton_runtime
-from kernels.triton_runtime import LAUNCHES, PairwiseBlocks, backend_for, triton_installed, use_interpreter
+from kernels.triton_runtime import LAUNCHES, PairwiseBlocks, backend_for
 from test_losses import _rel_err, _unit_rows, direct_clip, direct_siglip
 from train.losses.clip_loss import ClipLoss
 from train.losses.siglip_loss import SigLipLoss
@@ -29,17 +28,7 @@ SMALL = PairwiseBlocks(m=16, n=16, k=16, d_out=16)
 CASES = [(7, 13, SMALL), (37, 70, PairwiseBlocks(m=16, n=16, k=32, d_out=32)), (70, 32, PairwiseBlocks())]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter():
-    if not triton_installed():
-        pytest.skip("triton is not installed")
-    before = os.environ.get("TRITON_INTERPRET")
-    use_interpreter()  # before triton is first imported
-    yield
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _leaves(dtype: torch.dtype, n: int, d: int, *scalars: float) -> tuple[list[Tensor], list[Tensor]]:

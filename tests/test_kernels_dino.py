@@ -6,7 +6,6 @@ the loss, the student gradient and the teacher column sum of the centre update.
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor
 from kernels.dino_reference import dino_loss
 from kernels.dino_triton import dino_loss_and_center_sum, dino_loss_triton
 from kernels import triton_runtime
-from kernels.triton_runtime import LAUNCHES, DinoBlocks, backend_for, triton_installed, use_interpreter
+from kernels.triton_runtime import LAUNCHES, DinoBlocks, backend_for
 from test_losses import _rel_err, direct_dino
 from train.losses.dino_loss import DINOLoss
 
@@ -25,17 +24,7 @@ CASES = [(7, 33, 2, 6, DinoBlocks(k=16, images=3)), (3, 5, 2, 2, DinoBlocks(k=16
          (4, 16, 1, 3, DinoBlocks()), (9, 300, 2, 5, DinoBlocks(k=64, images=4))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter():
-    if not triton_installed():
-        pytest.skip("triton is not installed")
-    before = os.environ.get("TRITON_INTERPRET")
-    use_interpreter()  # before triton is first imported
-    yield
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _logits(rows: int, k: int, dtype: torch.dtype) -> Tensor:

@@ -43,6 +43,27 @@ def test_named_sizes():
         VisionTransformer(ViTConfig(size="giant-ish"))
 
 
+def test_scaled_init_follows_open_clip_and_separates_images():
+    def mean_offdiag_cos(vit):
+        torch.manual_seed(1)
+        images = torch.rand(16, 3, 32, 32) * 2 - 1  # fresh images
+        with torch.no_grad():
+            f = torch.nn.functional.normalize(vit(images), dim=-1)
+        return ((f @ f.T).sum() - 16) / (16 * 15)
+
+    vit = small_vit(init="scaled", pre_norm=True)
+    W, depth = 128, 4
+    blk = vit.blocks[0]
+    assert abs(blk.attn.qkv.weight.std().item() - W ** -0.5) < 0.01
+    assert abs(blk.mlp.fc1.weight.std().item() - (2 * W) ** -0.5) < 0.01
+    assert abs(blk.mlp.fc2.weight.std().item() - W ** -0.5 * (2 * depth) ** -0.5) < 0.005
+    assert abs(vit.cls_token.std().item() - W ** -0.5) < 0.03 and abs(vit.pos_embed.std().item() - W ** -0.5) < 0.01
+    # std 0.02 leaves the micro blocks near identity: every image starts with nearly the same CLS feature
+    assert mean_offdiag_cos(small_vit(pre_norm=True)) > 0.95 > mean_offdiag_cos(vit)
+    with pytest.raises(ValueError, match="unknown ViT init"):
+        small_vit(init="xavier")
+
+
 def test_pos_embed_interpolation():
     vit = small_vit()
     assert vit(torch.randn(2, 3, 48, 48)).shape == (2, 128)  # 6x6 grid from a 4x4 table

@@ -28,6 +28,7 @@ class VisionConfig:
     qkv_bias: bool = True
     attn_backend: str = "sdpa"  # sdpa | flash (flash-attn, only when installed)
     grad_checkpointing: bool = False
+    init: str = "trunc_normal"  # trunc_normal (timm / DINO) | scaled (OpenAI CLIP); models/vit.py explains
 
 
 @dataclass
@@ -207,6 +208,7 @@ CHOICES = {
     "objective.name": OBJECTIVES,
     "model.vision.size": ("micro", "tiny", "small", "base", "large", "huge"),
     "model.vision.attn_backend": ("sdpa", "flash"),
+    "model.vision.init": ("trunc_normal", "scaled"),
     "model.frozen_text.pooling": ("mean", "cls"),
     "loss.impl": ("torch", "triton"),
     "data.backend": ("cpu", "dali"),
