@@ -114,7 +114,7 @@ def export_identity(export_dir: str | os.PathLike) -> dict[str, Any]:
 
 def cache_key(identity: dict[str, Any], data: EvalData, split: str, settings: ExtractSettings) -> str:
     payload = {"version": FEATURE_VERSION, "export": identity, "data": data.fingerprint(split), "kind": data.kind,
-               "image_size": settings.image_size, "mean": list(settings.mean), "std": list(settings.std),
+               "label": data.label, "image_size": settings.image_size, "mean": list(settings.mean), "std": list(settings.std),
                "precision": settings.precision}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -94,7 +94,7 @@ def retrieval_task(ctx: EvalContext) -> dict[str, Any]:
     if not ctx.data.has_captions.get("val"):
         raise Skip("the val shards have no captions (txt)")
     val = ctx.features("val")
-    result = retrieval_recall(val.embeds, encode(val.captions))
+    result = retrieval_recall(val.embeds, encode(val.captions), captions=val.captions)
     result["distinct_captions"] = len(set(val.captions))
     result["summary"] = {k: result[k] for k in ("i2t_r1", "t2i_r1", "mean_recall")}
     return result

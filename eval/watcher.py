@@ -99,18 +99,22 @@ class Watcher:
     def __init__(self, run_dir: str | os.PathLike, tasks: str, data: str, interval: float = 30.0,
                  eval_args: Sequence[str] = (), eval_timeout: Optional[float] = None, retry_failed: bool = False,
                  log: Callable[[str], None] = lambda m: print(m, flush=True)):
-        self.run_dir, self.tasks, self.data = Path(run_dir), tasks, data
+        # absolute paths: the evaluations must find them whatever the working directory
+        self.run_dir, self.tasks = Path(run_dir).resolve(), tasks
+        self.data = str(Path(data).resolve()) if data else data
         self.interval, self.eval_args, self.eval_timeout = interval, list(eval_args), eval_timeout
         self.retry_failed, self.log = retry_failed, log
         self.stopping = False
+        self.attempted: set[str] = set()  # exports evaluated by this watcher: a retried failure is retried once
 
     # ------------------------------------------------------------------ one export
     def pending(self) -> list[tuple[int, Path]]:
         done = {r["export"] for r in read_ledger(self.run_dir)
-                if r.get("status") == "ok" or not self.retry_failed}
+                if r.get("status") == "ok" or not self.retry_failed} | self.attempted
         return [(s, p) for s, p in complete_exports(self.run_dir) if p.name not in done]
 
-    def evaluate(self, step: int, export: Path) -> dict[str, Any]:
+    def evaluate(self, step: int, export: Path) -> Optional[dict[str, Any]]:
+        """The ledger row of one evaluation; None when the watcher was stopping and the evaluation was killed."""
         out = self.run_dir / "evals" / export.name
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").unlink(missing_ok=True)  # a stale file from an interrupted attempt must not count
@@ -121,10 +125,13 @@ class Watcher:
         row: dict[str, Any] = {"step": step, "export": export.name, "out": str(out.relative_to(self.run_dir))}
         with open(out / "eval.log", "w") as log_file:
             try:
+                # its own session: Ctrl-C in the terminal stops the watcher after this evaluation, not the evaluation
                 rc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=self.eval_timeout,
-                                    cwd=str(REPO)).returncode
+                                    start_new_session=True).returncode
             except subprocess.TimeoutExpired:
                 rc = None
+        if rc is not None and rc < 0 and self.stopping:  # killed by a signal while we stop: redo it next time
+            return None
         row["time_s"] = round(time.perf_counter() - start, 2)
         results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
         if results is not None:
@@ -140,8 +147,10 @@ class Watcher:
         return row
 
     def record(self, row: dict[str, Any]) -> None:
-        with open(self.run_dir / LEDGER, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        path = self.run_dir / LEDGER
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        with open(path, "a") as f:
+            f.write(("\n" if torn else "") + json.dumps(row) + "\n")  # after a torn last line: a line of its own
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -165,11 +174,15 @@ class Watcher:
         for step, export in self.pending():
             if self.stopping:
                 break
+            self.attempted.add(export.name)
             try:
                 row = self.evaluate(step, export)
             except Exception as e:  # the watcher's own trouble (disk full, ...) costs this export only
                 row = {"step": step, "export": export.name, "status": "failed",
                        "error": f"watcher: {type(e).__name__}: {e}"}
+            if row is None:
+                self.log(f"[watch] step {step}: interrupted, left for the next watcher")
+                break
             self.record(row)
             self.log(f"[watch] step {step}: {row['status']}" + (f" ({row['error']})" if "error" in row else ""))
             count += 1
@@ -265,19 +278,18 @@ class WatcherProcess:
 def start_watcher(run_dir: str | os.PathLike, tasks: str, data: str = "", extra: Sequence[str] = (),
                   log: Callable[[str], None] = print) -> WatcherProcess:
     """Start launch/watch_evals.py on `run_dir` in its own session, following this process."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # the watcher resolves paths against this process's working directory
     run_dir.mkdir(parents=True, exist_ok=True)
     stop_file = run_dir / STOP
     stop_file.unlink(missing_ok=True)  # from an earlier invocation of this run (resume)
     cmd = [sys.executable, str(REPO / "launch" / "watch_evals.py"), str(run_dir), "--tasks", tasks,
            "--follow-pid", str(os.getpid()), "--stop-file", str(stop_file), "--interval", "10"]
-    cmd += ["--data", data] if data else []
+    cmd += ["--data", str(Path(data).resolve())] if data else []
     if extra:
         cmd += ["--", *extra]
     log_path = run_dir / "evals.log"
     with open(log_path, "a") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(REPO))
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     log(f"[clipdino] eval watcher started (pid {proc.pid}): results in {run_dir / REPORT}, log {log_path}")
     return WatcherProcess(proc, log_path, stop_file)
 

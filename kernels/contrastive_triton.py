@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kernels.contrastive_reference import _check_local_vs_all, clip_loss
-from kernels.triton_runtime import PairwiseBlocks, backend_for, fp32_if_low, kernel_module
+from kernels.triton_runtime import PairwiseBlocks, backend_for, fp32_if_low, kernel_module, refuse_double_backward
 
 
 class ClipLossFunction(torch.autograd.Function):
@@ -40,6 +40,7 @@ class ClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        refuse_double_backward()
         k = kernel_module("pairwise_kernels")
         image_local, text_local, image_all, text_all, scale, lse_i, lse_t = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -63,6 +64,8 @@ def clip_loss_triton(image_local: Tensor, text_local: Tensor, image_all: Tensor,
     Features: fp32, bf16 or fp16 (computed in fp32; the loss is fp32). Otherwise, or on CPU without
     TRITON_INTERPRET=1, the reference runs on fp32 copies of low-precision inputs.
     """
+    if image_local.shape[0] != text_local.shape[0]:
+        raise ValueError(f"{image_local.shape[0]} local images but {text_local.shape[0]} local texts: CLIP pairs them")
     _check_local_vs_all(image_local, text_all, offset, "image_local/text_all")
     _check_local_vs_all(text_local, image_all, offset, "text_local/image_all")
     feats = (image_local, text_local, image_all, text_all)

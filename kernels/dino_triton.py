@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kernels.dino_reference import crop_counts, dino_loss, teacher_batch_center
-from kernels.triton_runtime import DinoBlocks, backend_for, fp32_if_low, kernel_module
+from kernels.triton_runtime import DinoBlocks, backend_for, fp32_if_low, kernel_module, refuse_double_backward
 
 
 def merge_slices(part: dict[str, Tensor], batch: int, n_crops: int, n_global: int
@@ -62,6 +62,7 @@ class DinoLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_sum: Optional[Tensor]):
+        refuse_double_backward()
         student_temp, teacher_temp, n_global, batch, n_pairs, blocks = ctx.meta
         student, teacher, center, lse, t_max, t_norm = ctx.saved_tensors
         coef = grad_loss.detach().float().reshape(1) / (n_pairs * batch * student_temp)  # (1,)
@@ -79,6 +80,10 @@ def dino_loss_and_center_sum(student_logits: Tensor, teacher_logits: Tensor, cen
     TRITON_INTERPRET=1, the reference and ``teacher_batch_center`` run on fp32 copies of low-precision inputs.
     """
     crop_counts(student_logits, teacher_logits, n_global_crops)
+    K = student_logits.shape[1]
+    if teacher_logits.shape[1] != K or center.numel() != K:
+        raise ValueError(f"prototype counts differ: student {K}, teacher {teacher_logits.shape[1]}, "
+                         f"centre {center.numel()}")
     if backend_for("dino_kernels", student_logits, teacher_logits) is None:
         student, teacher = fp32_if_low(student_logits), fp32_if_low(teacher_logits)
         loss = dino_loss(student, teacher, center, student_temp, teacher_temp, n_global_crops)

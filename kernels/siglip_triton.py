@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from kernels.contrastive_reference import _check_local_vs_all, siglip_loss
-from kernels.triton_runtime import PairwiseBlocks, backend_for, fp32_if_low, kernel_module
+from kernels.triton_runtime import PairwiseBlocks, backend_for, fp32_if_low, kernel_module, refuse_double_backward
 
 
 class SigLipLossFunction(torch.autograd.Function):
@@ -38,6 +38,7 @@ class SigLipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        refuse_double_backward()
         k = kernel_module("pairwise_kernels")
         image_local, text_all, scale, bias = ctx.saved_tensors
         need = ctx.needs_input_grad

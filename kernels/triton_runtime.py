@@ -146,3 +146,12 @@ class DinoBlocks:
     images: int = 16  # images per forward program (grid: K / k x B / images)
     num_warps: int = 8
     num_stages: int = 2
+
+
+def refuse_double_backward() -> None:
+    """Call first in a fused backward. Its gradients come from kernels and carry no graph, so under
+    create_graph=True (autograd then runs backward with grad mode on) a gradient penalty would silently
+    treat them as constants: refuse instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fused Triton losses do not support double backward (create_graph=True); "
+                           "use loss.impl=torch")

@@ -28,6 +28,18 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+# widths whose stock ViTs do not use 64-wide heads: ViT-H (1280 / 16 = 80), ViT-g (1408 / 16 = 88),
+# ViT-bigG / gigantic (1664 / 16 = 104); every other stock ViT (Ti, S, B, L, DINOv2-g 1536 / 24) uses 64
+_WIDE_HEAD_WIDTHS = {1280: 16, 1408: 16, 1664: 16}
+
+
+def default_heads(width: int, depth: int) -> int:
+    """Head count of a stock ViT with this width and depth (weights do not show it): our named sizes first,
+    then the known wide-head widths, else width // 64."""
+    named = next((h for w, d, h in VIT_SIZES.values() if (w, d) == (width, depth)), None)
+    return named or _WIDE_HEAD_WIDTHS.get(width) or max(1, width // 64)
+
+
 @dataclass
 class ViTConfig:
     size: str = "base"

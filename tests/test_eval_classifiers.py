@@ -93,6 +93,15 @@ def test_retrieval_identical_pairs_and_shuffled():
     assert shuffled["i2t_r1"] < 20 and shuffled["i2t_r10"] < 50
     dup = torch.cat([emb[:1], emb[:1], emb[2:]])  # two pairs with the same caption: exact ties count as hits
     assert retrieval_recall(dup, dup.clone())["i2t_r1"] == 100 and retrieval_recall(dup, dup)["t2i_r1"] == 100
+    # the same caption string on two different images: either image answers the text query, in both directions
+    images, texts = emb.clone(), emb.clone()
+    texts[1] = texts[0]
+    captions = ["a star", "A  star"] + [f"caption {i}" for i in range(2, 50)]
+    assert retrieval_recall(images, texts)["t2i_r1"] == pytest.approx(98)  # without captions, one of the two queries misses
+    grouped = retrieval_recall(images, texts, captions=captions)
+    assert grouped["t2i_r1"] == 100 and grouped["i2t_r1"] == retrieval_recall(images, texts)["i2t_r1"]
+    assert retrieval_recall(emb, emb[torch.randperm(50, generator=torch.Generator().manual_seed(1))],
+                            captions=[str(i) for i in range(50)])["i2t_r1"] == shuffled["i2t_r1"]
 
 
 def test_zero_shot_with_class_centre_prompts():

@@ -140,6 +140,12 @@ def test_synthetic_world_all_tasks_with_comparison(exports, tiny_world, tmp_path
     assert second["summary"]["knn/top1"] == results["summary"]["knn/top1"]
     assert second["summary"]["zero_shot/top1"] == results["summary"]["zero_shot/top1"]
 
+    recoloured = tmp_path / "colour"  # another label factor: the cached labels must not be reused
+    rc, _, err = run(["--checkpoint", str(exports / "clip"), "--data", str(tiny_world), "--out", str(recoloured),
+                      "--cache-dir", str(cache), "--tasks", "knn", "--label", "color", *FAST], capsys)
+    third = json.loads((recoloured / "results.json").read_text())
+    assert rc == 0 and not any(t["cached"] for t in third["timing"]["features"].values())
+
 
 def test_labeled_shards_and_image_size(exports, colour_shards, tmp_path, capsys):
     out = tmp_path / "out"

@@ -1,6 +1,8 @@
 """The eval watcher: partial exports ignored, each export evaluated once, a failing eval isolated, trainer hook."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +75,34 @@ def test_each_export_once_and_failures_isolated(good_export, tiny_world, tmp_pat
     assert (run / "evals.png").stat().st_size > 1000
     (run / LEDGER).write_text((run / LEDGER).read_text() + '{"step": 40, "export": "step_00')  # a torn last line
     assert len(read_ledger(run)) == 3
+
+    retry = Watcher(run, "knn", str(tiny_world), interval=0.1, eval_args=ARGS, retry_failed=True)
+    assert retry.run_once() == 1 and retry.run_once() == 0  # the failed export again, once per watcher
+    assert [r["step"] for r in read_ledger(run)].count(20) == 2
+
+
+def test_relative_paths_from_another_directory(good_export, tiny_world, tmp_path, monkeypatch):
+    add_export(tmp_path / "run", 10, good_export)
+    monkeypatch.chdir(tmp_path)  # the evaluation processes must find the run and the data from here too
+    data = Path(os.path.relpath(tiny_world, tmp_path))
+    assert Watcher("run", "knn", str(data), eval_args=ARGS).run(once=True) == 1
+    assert [r["status"] for r in read_ledger(tmp_path / "run")] == ["ok"]
+
+
+def test_ctrl_c_lets_the_running_evaluation_finish(good_export, tiny_world, tmp_path):
+    add_export(tmp_path, 10, good_export)
+    add_export(tmp_path, 20, good_export)
+    cmd = [sys.executable, str(REPO / "launch" / "watch_evals.py"), str(tmp_path), "--once", "--tasks", "knn",
+           "--data", str(tiny_world), "--", *ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started = tmp_path / "evals" / "step_0000010" / "eval.log"
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the terminal's whole foreground process group
+    assert proc.wait(timeout=300) == 0
+    rows = read_ledger(tmp_path)
+    assert [(r["step"], r["status"]) for r in rows] == [(10, "ok")]  # finished and recorded; step 20 left for later
 
 
 def test_one_watcher_per_run(tmp_path):

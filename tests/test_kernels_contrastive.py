@@ -93,6 +93,19 @@ def test_only_scale_needs_grad_and_bad_offset() -> None:
         clip_loss_triton(img, txt, img, txt, scale, 3)
     with pytest.raises(ValueError, match="outside"):
         siglip_loss_triton(img, txt, scale, scale, 1)
+    with pytest.raises(ValueError, match="9 local images but 8 local texts"):
+        clip_loss_triton(img, txt[:8], img, txt[:8], scale, 0, SMALL)
+
+
+def test_second_derivatives_are_refused() -> None:
+    """The kernels' gradients carry no graph: create_graph=True must fail loudly, not drop the term."""
+    torch.manual_seed(4)
+    img = _unit_rows(7, 8, torch.float32).requires_grad_()
+    txt = _unit_rows(7, 8, torch.float32)
+    scale, bias = torch.tensor(5.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+    for loss in (clip_loss_triton(img, txt, img, txt, scale, 0, SMALL), siglip_loss_triton(img, txt, scale, bias, 0, SMALL)):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(loss, img, create_graph=True)
 
 
 def test_modules_with_triton_impl_run_the_kernels() -> None:

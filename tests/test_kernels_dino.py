@@ -65,6 +65,14 @@ def test_dino_fused_same_signature_and_teacher_gets_no_grad() -> None:
         dino_loss_triton(torch.randn(10, 6), torch.randn(6, 6), torch.zeros(1, 6), 0.1, 0.04, 2)  # 10 % 3 != 0
     with pytest.raises(ValueError):
         dino_loss_triton(torch.randn(3, 6), torch.randn(3, 6), torch.zeros(1, 6), 0.1, 0.04, 1)  # one crop only
+    with pytest.raises(ValueError, match="centre 20"):  # the kernels would read the centre past its end
+        dino_loss_triton(torch.randn(8, 40), torch.randn(4, 40), torch.zeros(1, 20), 0.1, 0.04, 2)
+    with pytest.raises(ValueError, match="teacher 30"):
+        dino_loss_triton(torch.randn(8, 40), torch.randn(4, 30), torch.zeros(1, 40), 0.1, 0.04, 2)
+    student = torch.randn(12, 40, requires_grad=True)
+    loss = dino_loss_triton(student, teacher.detach(), center, 0.1, 0.04, 2, DinoBlocks(k=16, images=2))
+    with pytest.raises(RuntimeError, match="double backward"):  # no graph through the kernel's gradient
+        torch.autograd.grad(loss, student, create_graph=True)
 
 
 def test_dino_module_triton_tracks_the_torch_module() -> None:

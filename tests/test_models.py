@@ -9,7 +9,7 @@ from models.dino_head import DINOHead
 from models.export import load_export, save_export
 from models.flops import text_forward_flops, vit_forward_flops
 from models.text import TextTowerConfig, TextTransformer
-from models.vit import VIT_SIZES, ViTConfig, VisionTransformer
+from models.vit import VIT_SIZES, ViTConfig, VisionTransformer, default_heads
 
 
 def small_vit(**kw) -> VisionTransformer:
@@ -62,6 +62,13 @@ def test_scaled_init_follows_open_clip_and_separates_images():
     assert mean_offdiag_cos(small_vit(pre_norm=True)) > 0.95 > mean_offdiag_cos(vit)
     with pytest.raises(ValueError, match="unknown ViT init"):
         small_vit(init="xavier")
+
+
+def test_default_heads_of_stock_vits():
+    # weights do not show head counts: converters use these (ViT-H/g/bigG have 80/88/104-wide heads)
+    stock = {(192, 12): 3, (768, 12): 12, (1024, 24): 16, (1280, 32): 16, (1408, 40): 16, (1664, 48): 16,
+             (1536, 40): 24, (32, 2): 1}
+    assert {dims: default_heads(*dims) for dims in stock} == stock
 
 
 def test_pos_embed_interpolation():

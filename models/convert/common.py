@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from models.convert.open_clip import _short, read_state_dict
-from models.vit import VIT_SIZES, ViTConfig, VisionTransformer
+from models.vit import VIT_SIZES, ViTConfig, VisionTransformer, default_heads
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -96,7 +96,7 @@ def vit_config_from_weights(state: dict[str, torch.Tensor], *, heads: Optional[i
                             act: str = "gelu", source: Callable[[str], str] = str) -> ViTConfig:
     """ViTConfig from clipdino-named tensors (widths, depth, patch / image size, MLP ratio, optional parts).
 
-    Head counts are invisible in weights: `heads` or width // 64 (every stock ViT)."""
+    Head counts are invisible in weights: `heads`, else `default_heads` (the stock ViTs' counts)."""
     def need(key: str, ndim: int) -> torch.Tensor:
         if key not in state:
             raise ValueError(f"missing key {source(key)!r}: not a supported ViT layout")
@@ -118,7 +118,7 @@ def vit_config_from_weights(state: dict[str, torch.Tensor], *, heads: Optional[i
         raise ValueError("no transformer blocks found: not a supported ViT layout")
     hidden = need("blocks.0.mlp.fc1.weight", 2).shape[0]
     mlp_ratio = hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width  # int() round-off
-    heads = heads or max(1, width // 64)
+    heads = heads or default_heads(width, depth)
     if width % heads:
         raise ValueError(f"width {width} is not divisible by {heads} heads")
     size = next((name for name, dims in VIT_SIZES.items() if dims == (width, depth, heads)), "base")

@@ -7,8 +7,8 @@ Supported: open_clip `CLIP` / `CustomTextCLIP` (own text transformer) with a pla
 optional, layer scale, class-token pooling, SigLIP `logit_bias`); plain, DDP (`module.`) and training
 ({"state_dict": ...}) checkpoints, `.safetensors`. Weights become float32. Shapes give widths, depths, MLP
 ratio, patch / image size, context, vocabulary and embed dim. Head counts are invisible in weights: they
-come from the open_clip model config when given (width // head_width, text `heads`), else width // 64
-(at least 1), as in every stock open_clip ViT config. Flags that change the computation but not the weights
+come from the open_clip model config when given (width // head_width, text `heads`), else from the stock
+configs (vision: `common.default_heads`, e.g. 16 for ViT-H's 1280; text: width // 64). Flags that change the computation but not the weights
 (QuickGELU, avg pooling, non-causal text) are only visible in the config, so pass it for non-stock models:
 `quick_gelu: true` (OpenAI-pretrained weights, the `-quickgelu` models) selects the blocks' QuickGELU.
 
@@ -33,7 +33,7 @@ import torch
 from models.clip import CLIP
 from models.export import save_export
 from models.text import TextTowerConfig, TextTransformer
-from models.vit import VIT_SIZES, ViTConfig, VisionTransformer
+from models.vit import VIT_SIZES, ViTConfig, VisionTransformer, default_heads
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,7 +142,7 @@ def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, 
         raise ValueError(f"visual.positional_embedding has {tokens} patch positions: not a square grid")
     depth, mlp_ratio = _depth_and_mlp_ratio(state, "visual.", width)
     embed_dim = _require(state, "visual.proj", 2).shape[1]
-    head_width = vcfg.get("head_width", 64) if model_cfg else min(64, width)
+    head_width = vcfg.get("head_width", 64) if model_cfg else width // default_heads(width, depth)
     if width % head_width:
         raise ValueError(f"vision width {width} is not a multiple of head width {head_width}")
     heads = width // head_width
