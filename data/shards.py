@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -38,15 +39,15 @@ def expand_shards(pattern: str) -> list[str]:
 
 def count_samples(shards: list[str]) -> int:
     """Samples in the shards: from sizes.json beside them (img2dataset / our generator), else by reading tar headers."""
-    sizes: dict[str, int] = {}
+    sizes: dict[str, int] = {}  # normalised path -> samples ("./d/x.tar", "d//x.tar" and "d/x.tar" agree)
     for folder in {str(Path(s).parent) for s in shards if "://" not in s}:
         path = Path(folder) / "sizes.json"
         if path.is_file():
-            sizes.update({str(Path(folder) / k): int(v) for k, v in json.loads(path.read_text()).items()})
+            sizes.update({os.path.normpath(Path(folder) / k): int(v) for k, v in json.loads(path.read_text()).items()})
     total = 0
     for shard in shards:
-        if shard in sizes:
-            total += sizes[shard]
+        if "://" not in shard and os.path.normpath(shard) in sizes:
+            total += sizes[os.path.normpath(shard)]
         elif "://" in shard or shard.startswith("pipe:"):
             raise DataError(f"cannot count samples of remote shard {shard}: set data.samples_per_epoch")
         else:
@@ -59,8 +60,9 @@ def _count_tar_samples(path: str) -> int:
     try:
         with tarfile.open(path) as tar:
             for member in tar:
-                if member.isreg():
-                    keys.add(member.name.split("/")[-1].split(".", 1)[0] + "/" + member.name.rsplit("/", 1)[0])
+                if member.isreg():  # webdataset's key: the name up to the first dot of its last path part
+                    dot = member.name.find(".", member.name.rfind("/") + 1)
+                    keys.add(member.name if dot < 0 else member.name[:dot])
     except tarfile.TarError:
         pass  # a damaged shard counts what could be read; the loader reports the damage
     return len(keys)

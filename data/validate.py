@@ -14,6 +14,7 @@ Exit status: 0 all clean (or clean copies written), 1 problems found, 2 bad argu
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import multiprocessing
@@ -38,6 +39,9 @@ PROBLEMS = {  # kind -> what it means; shard-level kinds first
     "unreadable_shard": "the file cannot be opened or is not a tar archive",
     "empty_shard": "the tar holds no sample",
     "truncated_tar": "the tar ends early (the incomplete last sample is dropped)",
+    "stray_member": "a file without an extension belongs to no sample (DALI's reader stops on it)",
+    "bad_name": "a member name with whitespace (DALI's index files cannot hold it)",
+    "multiple_images": "a sample with two image components (DALI and the CPU loader could pick different ones)",
     "duplicate_component": "a sample has the same component twice",
     "missing_image": "no jpg/jpeg/png/webp component",
     "missing_text": "no txt caption", "missing_json": "no json", "missing_label": "no cls label",
@@ -71,7 +75,10 @@ def shard_samples(path: str, problems: list[tuple[str, str]]) -> Iterator[tuple[
         try:
             for info in tar:
                 match = KEY.match(info.name)
-                if not info.isreg() or info.name.rsplit("/", 1)[-1].startswith(".") or not match:
+                if not info.isreg() or info.name.rsplit("/", 1)[-1].startswith("."):
+                    continue
+                if not match:
+                    problems.append(("stray_member", info.name[:200]))
                     continue
                 data = tar.extractfile(info).read()
                 if len(data) < info.size:
@@ -119,7 +126,10 @@ def check_sample(members: list[tuple[str, bytes]], require: tuple[str, ...]) -> 
     parts = dict(members)
     if len(parts) < len(members):
         return "duplicate_component", ",".join(sorted(e for e, _ in members))
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    images = [e for e in IMAGE_EXTS if e in parts]
+    if len(images) > 1:
+        return "multiple_images", ",".join(images)
+    image = parts[images[0]] if images else None
     present = {"image": image is not None, "text": "txt" in parts, "json": "json" in parts, "label": "cls" in parts}
     for need in REQUIREMENTS:
         if need in require and not present[need]:
@@ -165,7 +175,9 @@ def validate_shard(path: str, require: tuple[str, ...] = ("image", "text"), rewr
     try:
         for key, members in shard_samples(path, problems):
             samples += 1
-            problem = check_sample(members, require)
+            names = [f"{key}.{ext}" for ext, _ in members]
+            spaced = next((n for n in names if re.search(r"\s", n)), None)
+            problem = ("bad_name", repr(spaced)[:200]) if spaced else check_sample(members, require)
             if problem is None:
                 clean += 1
                 if out is not None:
@@ -212,9 +224,14 @@ def validate_shards(shards: list[str], require: tuple[str, ...] = ("image", "tex
     if unknown:
         raise DataError(f"unknown requirement(s) {sorted(unknown)}: choose from {', '.join(REQUIREMENTS)}")
     if rewrite:
-        Path(rewrite).mkdir(parents=True, exist_ok=True)
         if any(Path(s).resolve().parent == Path(rewrite).resolve() for s in shards):
             raise DataError(f"--rewrite {rewrite} is the shards' own folder: write the clean copies elsewhere")
+        seen: dict[str, str] = {}
+        for shard in shards:
+            if seen.setdefault(Path(shard).name, shard) != shard:
+                raise DataError(f"--rewrite puts every copy in one folder, but {seen[Path(shard).name]} and {shard} "
+                                "share a name: rewrite them in separate runs to separate folders")
+        Path(rewrite).mkdir(parents=True, exist_ok=True)
     jobs = [(s, tuple(require), rewrite) for s in shards]
     results: list[dict[str, Any]] = []
     start = time.time()
@@ -258,9 +275,11 @@ def update_manifest(results: list[dict[str, Any]], rewritten: bool = False) -> l
         by_folder.setdefault(path.parent, {})[path.name] = entry
     written = []
     for folder, entries in by_folder.items():
-        manifest = read_manifest(folder)
-        manifest["shards"].update(entries)
-        write_json(folder / MANIFEST, manifest)
+        with open(folder / f".{MANIFEST}.lock", "a") as lock:  # two validate runs over one folder: no lost entries
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            manifest = read_manifest(folder)
+            manifest["shards"].update(entries)
+            write_json(folder / MANIFEST, manifest)
         written.append(folder / MANIFEST)
     return written
 
@@ -324,9 +343,7 @@ def write_json(path: Path, data: Any) -> None:
 def write_outputs(results: list[dict[str, Any]], report_path: Path, rewrite: Optional[str]) -> dict[str, Any]:
     """Report file, manifest(s) and, for a rewrite, sizes.json + sidecars in the output folder."""
     report = build_report(results)
-    write_json(report_path, report)
-    update_manifest(results)  # the sources: clean or not, as they are
-    if rewrite:
+    if rewrite:  # the clean copies' records first: they are what the work produced
         update_manifest(results, rewritten=True)
         sizes_path = Path(rewrite) / "sizes.json"
         sizes = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
@@ -336,6 +353,14 @@ def write_outputs(results: list[dict[str, Any]], report_path: Path, rewrite: Opt
             for name in SIDECARS:
                 if (folder / name).is_file() and not (Path(rewrite) / name).exists():
                     shutil.copyfile(folder / name, Path(rewrite) / name)
+    write_json(report_path, report)
+    try:
+        update_manifest(results)  # the sources: clean or not, as they are
+    except OSError as e:
+        if not rewrite:
+            raise
+        print(f"[validate] warning: could not record the sources' validation beside them ({e}); the clean "
+              "copies are recorded", file=sys.stderr)
     return report
 
 

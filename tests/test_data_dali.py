@@ -114,6 +114,13 @@ def test_resume_refuses_other_settings_and_backends(world, caplog):
     state = loader.state_dict()
     with pytest.raises(DataError, match="world"):
         dali(world, 0, 2).load_state_dict(state)
+    other_buffer = DaliLoader(loader.shards, loader.indexes, hybrid(), 4, seed=0, shuffle_buffer=16)
+    with pytest.raises(DataError, match="shuffle_buffer=8"):
+        other_buffer.load_state_dict(state)
+    more_crops = SampleProcessor(clip_transform=ClipTransform(24, (0.5, 1.0)),
+                                 dino_transform=DinoMultiCrop(32, 16, 2, 4), text_encoder=captions)
+    with pytest.raises(DataError, match="pipeline outputs"):
+        dali(world, processor=more_crops).load_state_dict(state)
     with pytest.raises(DataError, match="backend=dali"):
         PretrainLoader(expand_shards(str(world / "train-*.tar")), hybrid(), 4, seed=0).load_state_dict(state)
     with pytest.raises(DataError, match="backend=cpu"):

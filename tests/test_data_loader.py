@@ -95,6 +95,13 @@ def test_too_few_shards_and_missing_shards(world, tmp_path):
     with pytest.raises(DataError, match="missing shard"):
         expand_shards(str(world / "train-{000000..000009}.tar"))
     assert count_samples(expand_shards(str(world / "train-*.tar"))) == 96
+    # the same shards spelled differently still find sizes.json, and without it the tars count the same
+    assert count_samples(expand_shards(str(world) + "//./train-*.tar")) == 96
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for shard in sorted(world.glob("train-*.tar")):
+        (copy / shard.name).write_bytes(shard.read_bytes())
+    assert not (copy / "sizes.json").exists() and count_samples(expand_shards(str(copy / "train-*.tar"))) == 96
 
 
 def _tar(path, members):

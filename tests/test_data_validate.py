@@ -131,6 +131,40 @@ def test_rewrite_keeps_every_clean_sample_byte_for_byte(bad_shards, tmp_path, wo
     assert main([str(out / "*.tar"), "--quiet"]) == 0
 
 
+def test_what_dali_cannot_read_is_a_problem(world, tmp_path):
+    """Shards the CPU loader reads but DALI's reader or index does not: caught here, fixed by --rewrite."""
+    good = read_samples(world / "train-000000.tar")
+    keys = sorted(good)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, format="PNG")
+    samples = [(k, dict(good[k])) for k in keys[:4]]
+    samples[1][1]["png"] = png.getvalue()  # jpg and png in one sample
+    samples[2] = (keys[2] + " copy", samples[2][1])  # whitespace in the name
+    shard = tmp_path / "src" / "odd-000000.tar"
+    shard.parent.mkdir()
+    write_tar(shard, samples)
+    with tarfile.open(shard, "a") as tar:
+        info = tarfile.TarInfo("README")  # no extension: no sample
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    (result,) = validate_shards([str(shard)])
+    assert result["problems"] == {"stray_member": 1, "multiple_images": 1, "bad_name": 1} and result["clean"] == 2
+    assert main([str(shard), "--quiet"]) == 1 and "has problems" in unvalidated([str(shard)], ("image",))[0][1]
+
+    # --rewrite: the clean copies are recorded even when the sources' folder cannot take a record
+    (shard.parent / "validation.json").unlink()
+    (shard.parent / "validation.json").mkdir()  # an unwritable record beside the sources
+    out = tmp_path / "clean"
+    assert main([str(shard), "--rewrite", str(out), "--quiet"]) == 0
+    assert unvalidated([str(out / shard.name)], ("image", "text")) == []
+    assert json.loads((out / "sizes.json").read_text()) == {shard.name: 2}
+
+    twin = tmp_path / "twin" / shard.name  # same file name in another folder: one output folder cannot hold both
+    twin.parent.mkdir()
+    twin.write_bytes(shard.read_bytes())
+    assert main([f"{shard}::{twin}", "--rewrite", str(tmp_path / "both"), "--quiet"]) == 2
+
+
 def test_validation_record_says_what_is_missing(world, tmp_path):
     shards = [str(tmp_path / name) for name in ("a-000000.tar", "a-000001.tar")]
     for shard, src in zip(shards, ("train-000000.tar", "train-000001.tar")):

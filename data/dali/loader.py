@@ -93,16 +93,20 @@ class DaliLoader:
         checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
         return {"backend": "dali", "batches": self.batches, "checkpoint": checkpoint, "restart": self.restart,
                 "seed": self.seed, "world": self.world, "batch_size": self.batch_size,
+                "shuffle_buffer": self.shuffle_buffer, "outputs": self.spec.outputs(),
                 "shards": shards_fingerprint(self.shards), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("backend", "cpu") != "dali":
             raise DataError(f"the checkpoint's data position comes from data.backend={state.get('backend', 'cpu')}; "
                             f"resume with that backend (the two loaders' streams differ)")
-        for key in ("seed", "world", "batch_size"):
-            if state.get(key) != getattr(self, key):
-                raise DataError(f"cannot resume the data position exactly: checkpoint has data {key}={state.get(key)}, "
-                                f"this run has {getattr(self, key)}; keep it unchanged when resuming")
+        current = {"seed": self.seed, "world": self.world, "batch_size": self.batch_size,
+                   "shuffle_buffer": self.shuffle_buffer, "outputs": self.spec.outputs()}
+        for key, value in current.items():  # (shuffle_buffer / outputs: absent from older checkpoints)
+            if key in state and state[key] != value:
+                what = "pipeline outputs (crop counts / views)" if key == "outputs" else f"data {key}"
+                raise DataError(f"cannot resume the DALI data position exactly: the checkpoint has {what}="
+                                f"{state[key]}, this run has {value}; keep it unchanged when resuming")
         self.batches = int(state["batches"])
         self.skipped = dict(state.get("skipped", {}))
         self.restart = int(state.get("restart", 0))
