@@ -108,6 +108,21 @@ def test_resume_is_exact_and_thread_count_free(world):
     assert resumed.batches == 30 and resumed.skipped == {}
 
 
+def test_index_follows_a_shard_replaced_with_the_same_mtime(world, tmp_path):
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes((world / "train-000000.tar").read_bytes())
+    (index,) = ensure_indexes([str(shard)])
+    assert int(open(index).readline().split()[1]) == 12
+    mtime = shard.stat().st_mtime_ns
+    fewer = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=fewer, mode="w") as dst:
+        for member in list(src)[:3 * 5]:  # 5 samples of jpg/json/txt
+            dst.addfile(member, src.extractfile(member))
+    shard.write_bytes(fewer.getvalue())
+    os.utime(shard, ns=(mtime, mtime))  # e.g. `cp -p` of another file: same mtime, other content
+    assert ensure_indexes([str(shard)]) == [index] and int(open(index).readline().split()[1]) == 5
+
+
 def test_resume_refuses_other_settings_and_backends(world, caplog):
     loader = dali(world)
     take(loader, 2)

@@ -2,8 +2,9 @@
 
 Made with `wds2idx.IndexCreator` (shipped with DALI) once per shard and reused: the index of
 `DIR/name.tar` is `DIR/_dali_index/name.idx`, or `INDEX_DIR/<folder hash>/name.idx` with
-`data.dali_index_dir`. An index is current when its mtime equals the shard's (set after writing),
-so a shard rewritten in place gets a new index. Without index files DALI scans every tar at start-up.
+`data.dali_index_dir`. An index is current when the stamp beside it (`name.idx.stamp`: the shard's size
+and mtime when it was indexed) matches the shard, so a shard rewritten or replaced in place, even by a
+copy that keeps the old mtime, gets a new index. Without index files DALI scans every tar at start-up.
 """
 from __future__ import annotations
 
@@ -24,9 +25,14 @@ def index_path(shard: str, index_dir: str = "") -> Path:
     return Path(index_dir).expanduser() / folder_hash / (path.stem + ".idx")
 
 
+def _stamp(shard: str) -> str:
+    st = Path(shard).stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
 def index_is_current(shard: str, index: Path) -> bool:
     try:
-        return index.stat().st_mtime_ns == Path(shard).stat().st_mtime_ns
+        return index.is_file() and Path(f"{index}.stamp").read_text() == _stamp(shard)
     except OSError:
         return False
 
@@ -38,7 +44,7 @@ def index_samples(index: Path) -> int:
 
 
 def write_index(shard: str, index: Path) -> Path:
-    """(Re)write the index of one shard atomically; its mtime is set to the shard's."""
+    """(Re)write the index of one shard atomically, then its stamp (the shard's size and mtime)."""
     try:
         from wds2idx import IndexCreator  # ships with nvidia-dali
     except ImportError:
@@ -53,9 +59,11 @@ def write_index(shard: str, index: Path) -> Path:
                         f"writable folder") from None
     except ValueError as e:  # "Webdataset Tar File empty"
         raise DataError(f"cannot index shard {shard}: {e}; check it with `python -m data.validate`") from None
-    mtime = Path(shard).stat().st_mtime_ns
-    os.utime(tmp, ns=(mtime, mtime))
+    stamp = _stamp(shard)
     os.replace(tmp, index)
+    stamp_tmp = index.with_name(f".{index.name}.stamp.{os.getpid()}.tmp")
+    stamp_tmp.write_text(stamp)
+    os.replace(stamp_tmp, f"{index}.stamp")  # last: an index without its stamp is rewritten next time
     return index
 
 
