@@ -44,6 +44,13 @@ class CLIP(nn.Module):
         """exp(logit_scale) clamped at max_logit_scale (gradient stops at the clamp)."""
         return self.logit_scale.exp().clamp(max=self.max_logit_scale)[0]
 
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """After each optimizer step, as open_clip: keep the parameter in [0, ln max_logit_scale], so it never sits
+        beyond the forward clamp where its gradient is zero (it could not come back). ZeRO-3: the local shard."""
+        param = getattr(self.logit_scale, "ds_tensor", self.logit_scale)
+        param.clamp_(0.0, math.log(self.max_logit_scale))
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         return {"image_features": self.encode_image(images), "text_features": self.encode_text(tokens, attention_mask),

@@ -28,8 +28,11 @@ def vit_forward_flops(vit: nn.Module, image_size: int) -> float:
 def text_forward_flops(text: nn.Module) -> float:
     """Our TextTransformer at full context length, or a Hugging Face encoder (by its config)."""
     if hasattr(text, "encoder"):  # FrozenHFTextTower
-        c = text.encoder.config
-        return transformer_forward_flops(c.hidden_size, c.num_hidden_layers, text.max_length, c.intermediate_size)
+        c = text.encoder.config  # BERT-style names, else DistilBERT's (dim, n_layers, hidden_dim)
+        width = getattr(c, "hidden_size", None) or getattr(c, "dim")
+        layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers")
+        hidden = getattr(c, "intermediate_size", None) or getattr(c, "hidden_dim", None) or 4 * width
+        return transformer_forward_flops(width, layers, text.max_length, hidden)
     c = text.cfg
     return transformer_forward_flops(c.width, c.layers, c.context_length, int(c.width * c.mlp_ratio))
 

@@ -44,7 +44,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)  # (B, T, 3, h, hd)
-        if self.backend == "flash" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        # qkv, not x: under autocast LayerNorm hands fp32 to the block, the Linear gives bf16/fp16
+        if self.backend == "flash" and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
             q, k, v = qkv.unbind(2)  # (B, T, h, hd) each: flash-attn's layout
             out = _flash_attn_func(q, k, v, causal=causal).reshape(B, T, C)
         else:

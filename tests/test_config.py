@@ -26,6 +26,21 @@ def test_extends_and_overrides(tmp_path):
     assert isinstance(cfg.optim.lr, float)
 
 
+def test_yaml_corner_cases(tmp_path):
+    write(tmp_path / "base.yaml", "model:\n  embed_dim: 64\noptim:\n  lr: 0.1\n")
+    write(tmp_path / "left.yaml", "extends: base.yaml\noptim:\n  weight_decay: 0.5\n")
+    write(tmp_path / "right.yaml", "extends: base.yaml\nschedule:\n  global_batch: 8\n")
+    diamond = write(tmp_path / "diamond.yaml", "extends: [left.yaml, right.yaml]\n")  # a shared base: no cycle
+    cfg = load_config(diamond)
+    assert cfg.model.embed_dim == 64 and cfg.optim.weight_decay == 0.5 and cfg.schedule.global_batch == 8
+    empty = write(tmp_path / "empty.yaml", "extends: base.yaml\nmodel:\n  # embed_dim: 32\noptim:\n  lr: 1e-3\n")
+    cfg = load_config(empty)  # an empty section keeps the inherited one; `1e-3` in a file is a float
+    assert cfg.model.embed_dim == 64 and cfg.optim.lr == 0.001
+    cfg = load_config(None, ["run.name=0123", "run.dir=runs/1:30", "logging.wandb_project=off", "optim.lr=1e-3"])
+    assert (cfg.run.name, cfg.run.dir, cfg.logging.wandb_project, cfg.optim.lr) == ("0123", "runs/1:30", "off", 0.001)
+    assert load_config(None, ["run.name=2024-01-05"]).run.name == "2024-01-05"
+
+
 def test_unknown_key_suggests_the_closest(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
         load_config(None, ["optim.lrr=1"])

@@ -242,3 +242,21 @@ def test_dino_module_equals_kernel_and_updates_center() -> None:
 def test_unknown_impl_raises(make) -> None:
     with pytest.raises(ValueError, match="torch"):
         make()
+
+
+def test_dino_centre_updates_once_per_optimizer_step_when_deferred():
+    """Two micro-batches of one step move the centre like one batch of both (facebookresearch/dino's order)."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 12, 32), torch.randn(2, 6, 32)  # (micro-batch, rows, K)
+    deferred = DINOLoss(32, n_global_crops=2, center_momentum=0.9, deferred_center=True)
+    losses = [deferred(s, t, 0.04) for s, t in zip(student, teacher)]
+    assert torch.equal(deferred.center, torch.zeros(1, 32))  # nothing moves before the step ends
+    deferred.commit_center()
+    expected = 0.1 * teacher.reshape(-1, 32).mean(0, keepdim=True)
+    assert torch.allclose(deferred.center, expected, atol=1e-6)
+    first = DINOLoss(32, n_global_crops=2)  # both micro-batches were scored against the same (step-start) centre
+    assert torch.allclose(losses[1], first(student[1], teacher[1], 0.04))
+    deferred(student[0], teacher[0], 0.04)
+    deferred.discard_center()  # a skipped step
+    deferred.commit_center()
+    assert torch.allclose(deferred.center, expected, atol=1e-6)

@@ -71,6 +71,27 @@ def test_default_heads_of_stock_vits():
     assert {dims: default_heads(*dims) for dims in stock} == stock
 
 
+def test_logit_scale_parameter_is_clamped_after_a_step():
+    clip = CLIP(small_vit(), TextTransformer(TextTowerConfig(vocab_size=50, width=32, heads=2, layers=1,
+                                                             context_length=8)), embed_dim=16)
+    with torch.no_grad():
+        clip.logit_scale.fill_(5.0)  # past ln 100: the forward clamp gives it no gradient
+    clip.clamp_logit_scale_()
+    assert clip.logit_scale.item() == pytest.approx(math.log(100.0)) and clip.scale().item() == pytest.approx(100.0)
+
+
+def test_flops_of_distilbert_style_frozen_towers():
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, DistilBertConfig
+
+    bert = SimpleNamespace(encoder=SimpleNamespace(config=BertConfig(hidden_size=64, num_hidden_layers=2,
+                                                                     intermediate_size=256)), max_length=16)
+    distil = SimpleNamespace(encoder=SimpleNamespace(config=DistilBertConfig(dim=64, n_layers=2, hidden_dim=256)),
+                             max_length=16)
+    assert text_forward_flops(distil) == text_forward_flops(bert) > 0
+
+
 def test_pos_embed_interpolation():
     vit = small_vit()
     assert vit(torch.randn(2, 3, 48, 48)).shape == (2, 128)  # 6x6 grid from a 4x4 table

@@ -58,6 +58,36 @@ def test_skip_with_gradient_accumulation(tiny_world, tmp_path, nan_at):
     assert all(torch.equal(a, b) for a, b in zip(snaps[4], snaps[6]))  # weights before and after step 3 agree
 
 
+def test_stop_after_on_a_skipped_step_still_saves(tiny_world, tmp_path, nan_at):
+    nan_at["steps"] = {2}
+    train(config(tiny_world, tmp_path, "schedule.steps=6", "checkpoint.every=0", "schedule.stop_after=3"))
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step_0000003"]
+
+
+def test_rollback_sets_newer_checkpoints_aside(tiny_world, tmp_path):
+    train(config(tiny_world, tmp_path, "schedule.steps=4", "checkpoint.every=2", "checkpoint.keep=2"))
+    line = tmp_path / "checkpoints"
+    assert [p.name for p in ckpt.complete_checkpoints(line)] == ["step_0000002", "step_0000004"]
+    train(config(tiny_world, tmp_path, "schedule.steps=4", "checkpoint.every=3", "checkpoint.keep=2",
+                 f"resume={line / 'step_0000002'}", "schedule.stop_after=3"))
+    # the resumed line's step 3 is kept (not pruned in favour of the abandoned step 4), and resume=auto finds it
+    assert [p.name for p in ckpt.complete_checkpoints(line)] == ["step_0000002", "step_0000003"]
+    assert ckpt.find_resume_checkpoint("auto", line).name == "step_0000003"
+    assert [p.name.rsplit("_", 1)[0] for p in line.glob("abandoned_*")] == ["abandoned_step_0000004"]
+
+
+@pytest.mark.parametrize("objective", ["dino", "hybrid"])
+def test_grad_checkpointing_reaches_every_student(tiny_world, tmp_path, objective):
+    from train.objectives.registry import build_objective
+
+    cfg = load_config(f"launch/configs/pretrain/tiny_{objective}.yaml",
+                      tiny_overrides(tiny_world, tmp_path, "model.vision.grad_checkpointing=true"))
+    student = build_objective(cfg, 10, 10).student
+    student.set_grad_checkpointing(True)  # what the trainer calls
+    vits = [m for m in student.modules() if isinstance(m, VisionTransformer)]
+    assert vits and all(v.grad_checkpointing for v in vits)
+
+
 def test_stop_after_patience(tiny_world, tmp_path, nan_at):
     nan_at["steps"] = set(range(100))
     with pytest.raises(NonFiniteLossError, match="3 in a row"):

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,6 +51,18 @@ def find_resume_checkpoint(resume: str, ckpt_dir: str | Path) -> Optional[Path]:
     return path
 
 
+def set_aside_newer(ckpt_dir: str | Path, step: int) -> list[Path]:
+    """Rename complete checkpoints newer than `step` to abandoned_step_* (a run rolled back with resume=PATH):
+    `resume=auto` and keep-K then see only this run's line, and nothing is deleted. Main rank only."""
+    moved = []
+    for folder in complete_checkpoints(ckpt_dir):
+        if int(folder.name.split("_")[1]) > step:
+            target = folder.with_name(f"abandoned_{folder.name}_{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(folder, target)
+            moved.append(target)
+    return moved
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -81,7 +94,8 @@ def params_finite(module: torch.nn.Module) -> bool:
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, rank: int, client: dict[str, Any],
                     rank_state: dict[str, Any], keep: int) -> Path:
     """Collective: every rank calls it. Refuses to write non-finite weights."""
-    finite = torch.tensor([1.0 if params_finite(engine.module) else 0.0])
+    device = getattr(engine, "device", None) or next(engine.module.parameters()).device  # NCCL reduces CUDA tensors only
+    finite = torch.tensor([1.0 if params_finite(engine.module) else 0.0], device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     if finite.item() < 1:
@@ -101,7 +115,8 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, rank: int, client: 
     if rank == 0:
         _write_atomic(folder / MARKER, json.dumps({"step": step, "world": _world()}))
         for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != folder:  # never the one just written
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return folder
 

