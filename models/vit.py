@@ -102,13 +102,14 @@ class VisionTransformer(nn.Module):
         fc2 W^-0.5 (2 depth)^-0.5, fc1 (2W)^-0.5). At small widths std 0.02 leaves the blocks near identity: every
         image starts with almost the same CLS feature (mean cosine 0.99 between synthetic images for the micro
         ViT, 0.87 with scaled) and a contrastive loss sits at ln(batch) for longer (docs/eval.md)."""
-        self.apply(init_weights)
-        if self.cfg.init == "trunc_normal":
+        if self.cfg.init == "trunc_normal":  # (this draw order reproduces earlier runs bit for bit)
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             nn.init.normal_(self.cls_token, std=1e-6)
             if self.reg_tokens is not None:
                 nn.init.normal_(self.reg_tokens, std=1e-6)
+            self.apply(init_weights)
             return
+        self.apply(init_weights)
         W, depth = self.width, len(self.blocks)
         for param in (self.cls_token, self.pos_embed, self.reg_tokens):
             if param is not None:
