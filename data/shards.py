@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -55,14 +56,17 @@ def count_samples(shards: list[str]) -> int:
     return total
 
 
+_MEMBER_KEY = re.compile(r"^((?:.*/|)[^./][^./]*)\.(.+)$")  # key = path up to the basename's first dot
+
+
 def _count_tar_samples(path: str) -> int:
     keys = set()
     try:
         with tarfile.open(path) as tar:
             for member in tar:
-                if member.isreg():  # webdataset's key: the name up to the first dot of its last path part
-                    dot = member.name.find(".", member.name.rfind("/") + 1)
-                    keys.add(member.name if dot < 0 else member.name[:dot])
+                match = _MEMBER_KEY.match(member.name) if member.isreg() else None
+                if match:  # webdataset's key; names without an extension or with a leading dot belong to no sample
+                    keys.add(match.group(1))
     except tarfile.TarError:
         pass  # a damaged shard counts what could be read; the loader reports the damage
     return len(keys)

@@ -21,6 +21,7 @@ def ranks_of_true_match(query: torch.Tensor, gallery: torch.Tensor, groups: Opti
     query, gallery = F.normalize(query.float(), dim=-1), F.normalize(gallery.float(), dim=-1)
     if groups is None:
         groups = torch.arange(len(query))
+    groups = groups.to(query.device)
     ranks = []
     for start in range(0, len(query), chunk):
         sim = query[start:start + chunk] @ gallery.T  # (b, N)

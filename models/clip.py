@@ -41,15 +41,26 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale) clamped at max_logit_scale (gradient stops at the clamp)."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)[0]
+        """exp(logit_scale), the log clamped at ln max_logit_scale. The clamp's gradient passes at the bound itself,
+        where `clamp_logit_scale_` puts the parameter, so the scale can come back down."""
+        log_scale = self.logit_scale  # (1,)
+        bound = log_scale.new_tensor(math.log(self.max_logit_scale))  # torch.clamp's gradient is 0 at the bound
+        return torch.where(log_scale > bound, bound, log_scale).exp()[0]
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        """After each optimizer step, as open_clip: keep the parameter in [0, ln max_logit_scale], so it never sits
-        beyond the forward clamp where its gradient is zero (it could not come back). ZeRO-3: the local shard."""
-        param = getattr(self.logit_scale, "ds_tensor", self.logit_scale)
-        param.clamp_(0.0, math.log(self.max_logit_scale))
+        """After each optimizer step, as open_clip: the parameter back into [0, ln max_logit_scale]. Under DeepSpeed
+        ZeRO the optimizer holds an fp32 master copy that overwrites the weights at every step: clamp that too
+        (collective under ZeRO-3: every rank calls this after the step)."""
+        low, high = 0.0, math.log(self.max_logit_scale)
+        param = self.logit_scale
+        if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+            master = safe_get_full_fp32_param(param)
+            if master is not None and bool(((master < low) | (master > high)).any()):
+                safe_set_full_fp32_param(param, master.clamp(low, high))
+        getattr(param, "ds_tensor", param).clamp_(low, high)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:

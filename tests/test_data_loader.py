@@ -102,6 +102,12 @@ def test_too_few_shards_and_missing_shards(world, tmp_path):
     for shard in sorted(world.glob("train-*.tar")):
         (copy / shard.name).write_bytes(shard.read_bytes())
     assert not (copy / "sizes.json").exists() and count_samples(expand_shards(str(copy / "train-*.tar"))) == 96
+    with tarfile.open(copy / "train-000000.tar", "a") as tar:  # members of no sample (as webdataset reads them)
+        for name in ("README", "._000000000.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    assert count_samples(expand_shards(str(copy / "train-*.tar"))) == 96
 
 
 def _tar(path, members):

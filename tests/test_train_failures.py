@@ -88,6 +88,40 @@ def test_grad_checkpointing_reaches_every_student(tiny_world, tmp_path, objectiv
     assert vits and all(v.grad_checkpointing for v in vits)
 
 
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_logit_scale_clamp_reaches_deepspeeds_master_copy(monkeypatch, zero_stage):
+    """ZeRO 1/2 write an fp32 master copy over the weights each step: the clamp must hold there too."""
+    import math
+
+    import deepspeed
+
+    from models.clip import CLIP
+    from models.text import TextTowerConfig, TextTransformer
+    from models.vit import ViTConfig
+    from train.distributed import init_distributed
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    init_distributed()
+    torch.manual_seed(0)
+    clip = CLIP(VisionTransformer(ViTConfig(size="micro", patch_size=8, image_size=16)),
+                TextTransformer(TextTowerConfig(vocab_size=20, width=32, heads=2, layers=1, context_length=4)),
+                embed_dim=8, init_logit_scale=4.5)
+    config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": zero_stage}, "steps_per_print": 2 ** 31 - 1, "gradient_clipping": 0.0}
+    engine, *_ = deepspeed.initialize(model=clip, optimizer=torch.optim.SGD(clip.parameters(), lr=0.001),
+                                      config=config, dist_init_required=False)
+    before_clamp = []
+    for _ in range(4):
+        engine.backward(-clip.scale())  # always pushes the scale up, by about 0.09 per step
+        engine.step()
+        before_clamp.append(clip.logit_scale.item())
+        clip.clamp_logit_scale_()
+    assert clip.logit_scale.item() == pytest.approx(math.log(100.0))
+    assert max(before_clamp) < math.log(100.0) + 0.11  # each step starts again from the clamped value
+
+
 def test_stop_after_patience(tiny_world, tmp_path, nan_at):
     nan_at["steps"] = set(range(100))
     with pytest.raises(NonFiniteLossError, match="3 in a row"):

@@ -49,6 +49,7 @@ def write_index(shard: str, index: Path) -> Path:
         from wds2idx import IndexCreator  # ships with nvidia-dali
     except ImportError:
         raise DataError("wds2idx (shipped with NVIDIA DALI) is not importable: reinstall nvidia-dali") from None
+    stamp = _stamp(shard)  # before indexing: a shard replaced meanwhile then fails the check next time
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
@@ -59,7 +60,6 @@ def write_index(shard: str, index: Path) -> Path:
                         f"writable folder") from None
     except ValueError as e:  # "Webdataset Tar File empty"
         raise DataError(f"cannot index shard {shard}: {e}; check it with `python -m data.validate`") from None
-    stamp = _stamp(shard)
     os.replace(tmp, index)
     stamp_tmp = index.with_name(f".{index.name}.stamp.{os.getpid()}.tmp")
     stamp_tmp.write_text(stamp)
