@@ -95,6 +95,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def forget_evaluations(run_dir: str | os.PathLike, exports: Sequence[str]) -> None:
+    """Move the ledger rows of these export names to evals_abandoned.jsonl (a rolled-back run re-exports them)."""
+    path = Path(run_dir) / LEDGER
+    if not path.is_file() or not exports:
+        return
+    rows = read_ledger(Path(run_dir))
+    keep = [r for r in rows if r.get("export") not in set(exports)]
+    gone = [r for r in rows if r.get("export") in set(exports)]
+    if gone:
+        with open(Path(run_dir) / "evals_abandoned.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in gone)
+        tmp = path.with_name(f".{LEDGER}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
+
+
 class Watcher:
     def __init__(self, run_dir: str | os.PathLike, tasks: str, data: str, interval: float = 30.0,
                  eval_args: Sequence[str] = (), eval_timeout: Optional[float] = None, retry_failed: bool = False,
@@ -106,6 +122,7 @@ class Watcher:
         self.retry_failed, self.log = retry_failed, log
         self.stopping = False
         self.attempted: set[str] = set()  # exports evaluated by this watcher: a retried failure is retried once
+        self.signals = 0  # stop signals received: 1 = after this evaluation, 2 = now
 
     # ------------------------------------------------------------------ one export
     def pending(self) -> list[tuple[int, Path]]:
@@ -124,13 +141,11 @@ class Watcher:
         start = time.perf_counter()
         row: dict[str, Any] = {"step": step, "export": export.name, "out": str(out.relative_to(self.run_dir))}
         with open(out / "eval.log", "w") as log_file:
-            try:
-                # its own session: Ctrl-C in the terminal stops the watcher after this evaluation, not the evaluation
-                rc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=self.eval_timeout,
-                                    start_new_session=True).returncode
-            except subprocess.TimeoutExpired:
-                rc = None
-        if rc is not None and rc < 0 and self.stopping:  # killed by a signal while we stop: redo it next time
+            # its own session: a first Ctrl-C / SIGTERM stops the watcher after this evaluation; a second one
+            # ends the evaluation too (no row: it is redone next time)
+            child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            rc = self._wait(child, start)
+        if (rc is not None and rc < 0 and self.stopping) or self.signals >= 2:  # ended while stopping: redo it later
             return None
         row["time_s"] = round(time.perf_counter() - start, 2)
         results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
@@ -145,6 +160,23 @@ class Watcher:
                             _last_error_line(out / "eval.log") or f"exit code {rc}")
         row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         return row
+
+    def _wait(self, child: subprocess.Popen, start: float) -> Optional[int]:
+        """The evaluation's exit code; None after --eval-timeout. Ends it on a second stop signal or a timeout."""
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            timed_out = self.eval_timeout is not None and time.perf_counter() - start > self.eval_timeout
+            if self.signals >= 2 or timed_out:
+                os.killpg(child.pid, signal.SIGTERM)
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+                return None if timed_out else child.returncode
 
     def record(self, row: dict[str, Any]) -> None:
         path = self.run_dir / LEDGER
@@ -188,6 +220,12 @@ class Watcher:
             count += 1
         return count
 
+    def _on_signal(self, *_: Any) -> None:
+        self.signals += 1
+        self.stopping = True
+        if self.signals == 1:
+            self.log("[watch] stopping after the current evaluation (signal again to end it now)")
+
     def run(self, once: bool = False, follow_pid: Optional[int] = None,
             stop_file: Optional[str | os.PathLike] = None) -> int:
         def over() -> bool:
@@ -196,7 +234,7 @@ class Watcher:
 
         with _lock(self.run_dir):
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+                signal.signal(sig, self._on_signal)
             total = 0
             while not self.stopping:
                 ending = once or over()  # decided before the scan: an export written just before the end counts

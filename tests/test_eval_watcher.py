@@ -104,6 +104,17 @@ def test_ctrl_c_lets_the_running_evaluation_finish(good_export, tiny_world, tmp_
     rows = read_ledger(tmp_path)
     assert [(r["step"], r["status"]) for r in rows] == [(10, "ok")]  # finished and recorded; step 20 left for later
 
+    started = tmp_path / "evals" / "step_0000020" / "eval.log"  # a second Ctrl-C ends the evaluation itself
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    assert [r["step"] for r in read_ledger(tmp_path)] == [10]  # no row: step 20 is evaluated next time
+
 
 def test_one_watcher_per_run(tmp_path):
     with _lock(tmp_path):

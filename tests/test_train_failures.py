@@ -68,12 +68,21 @@ def test_rollback_sets_newer_checkpoints_aside(tiny_world, tmp_path):
     train(config(tiny_world, tmp_path, "schedule.steps=4", "checkpoint.every=2", "checkpoint.keep=2"))
     line = tmp_path / "checkpoints"
     assert [p.name for p in ckpt.complete_checkpoints(line)] == ["step_0000002", "step_0000004"]
+    exports = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert exports == ["step_0000002", "step_0000004"]
+    (tmp_path / "evals.jsonl").write_text('{"step": 2, "export": "step_0000002", "status": "ok"}\n'
+                                          '{"step": 4, "export": "step_0000004", "status": "ok"}\n')
     train(config(tiny_world, tmp_path, "schedule.steps=4", "checkpoint.every=3", "checkpoint.keep=2",
                  f"resume={line / 'step_0000002'}", "schedule.stop_after=3"))
     # the resumed line's step 3 is kept (not pruned in favour of the abandoned step 4), and resume=auto finds it
     assert [p.name for p in ckpt.complete_checkpoints(line)] == ["step_0000002", "step_0000003"]
     assert ckpt.find_resume_checkpoint("auto", line).name == "step_0000003"
     assert [p.name.rsplit("_", 1)[0] for p in line.glob("abandoned_*")] == ["abandoned_step_0000004"]
+    # the abandoned line's export and its evaluation go too: the watcher evaluates the new line's step 4
+    assert sorted(p.name for p in (tmp_path / "export").glob("step_*")) == ["step_0000002", "step_0000003"]
+    assert [p.name.rsplit("_", 1)[0] for p in (tmp_path / "export").glob("abandoned_*")] == ["abandoned_step_0000004"]
+    assert '"step_0000004"' not in (tmp_path / "evals.jsonl").read_text()
+    assert '"step_0000004"' in (tmp_path / "evals_abandoned.jsonl").read_text()
 
 
 @pytest.mark.parametrize("objective", ["dino", "hybrid"])

@@ -51,12 +51,16 @@ def find_resume_checkpoint(resume: str, ckpt_dir: str | Path) -> Optional[Path]:
     return path
 
 
-def set_aside_newer(ckpt_dir: str | Path, step: int) -> list[Path]:
-    """Rename complete checkpoints newer than `step` to abandoned_step_* (a run rolled back with resume=PATH):
-    `resume=auto` and keep-K then see only this run's line, and nothing is deleted. Main rank only."""
+def set_aside_newer(ckpt_dir: str | Path, step: int, complete_only: bool = True) -> list[Path]:
+    """Rename checkpoints (or, complete_only=False, any step_* folder: exports) newer than `step` to
+    abandoned_step_* (a run rolled back with resume=PATH): `resume=auto`, keep-K and the eval watcher then see
+    only this run's line, and nothing is deleted. Main rank only."""
     moved = []
-    for folder in complete_checkpoints(ckpt_dir):
-        if int(folder.name.split("_")[1]) > step:
+    root = Path(ckpt_dir)
+    folders = (complete_checkpoints(root) if complete_only else
+               sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else [])
+    for folder in folders:
+        if folder.name.split("_")[1].isdigit() and int(folder.name.split("_")[1]) > step:
             target = folder.with_name(f"abandoned_{folder.name}_{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(folder, target)
             moved.append(target)

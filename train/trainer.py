@@ -106,10 +106,16 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
         start_step, samples_seen, nonfinite_total = client["step"], client["samples_seen"], client["nonfinite_total"]
-        if dist.is_main and cfg.resume != "auto":  # rolled back: the newer checkpoints belong to an abandoned line
-            for moved in ckpt.set_aside_newer(run_dir / "checkpoints", start_step):
-                print(f"[clipdino] resumed from step {start_step}: set aside the newer checkpoint as {moved.name}",
+        if dist.is_main and cfg.resume != "auto":  # rolled back: newer checkpoints and exports are another line's
+            moved = ckpt.set_aside_newer(run_dir / "checkpoints", start_step)
+            exports = ckpt.set_aside_newer(run_dir / "export", start_step, complete_only=False)
+            for folder in moved + exports:
+                print(f"[clipdino] resumed from step {start_step}: set aside {folder.parent.name}/{folder.name}",
                       flush=True)
+            if exports:
+                from eval.watcher import forget_evaluations
+
+                forget_evaluations(run_dir, [f"step_{f.name.split('_')[2]}" for f in exports])
         barrier()
 
     config_dict = to_dict(cfg)
