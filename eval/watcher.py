@@ -180,7 +180,11 @@ class Watcher:
 
     def record(self, row: dict[str, Any]) -> None:
         path = self.run_dir / LEDGER
-        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        torn = False
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as f:  # the last byte only: the ledger grows with every export
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         with open(path, "a") as f:
             f.write(("\n" if torn else "") + json.dumps(row) + "\n")  # after a torn last line: a line of its own
             f.flush()

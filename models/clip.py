@@ -58,7 +58,7 @@ class CLIP(nn.Module):
             from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
             master = safe_get_full_fp32_param(param)
-            if master is not None and bool(((master < low) | (master > high)).any()):
+            if master is not None:  # unconditionally: a data-dependent branch would sync the host every step
                 safe_set_full_fp32_param(param, master.clamp(low, high))
         getattr(param, "ds_tensor", param).clamp_(low, high)
 
