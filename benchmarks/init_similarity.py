@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.data import decode_sample, iter_samples, open_eval_data  # noqa: E402
+from eval.data import EvalDataError, decode_sample, iter_samples, open_eval_data  # noqa: E402
 from models.vit import ViTConfig, VisionTransformer  # noqa: E402
 
 
@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--seeds", type=int, default=3, help="initialisations averaged per model")
     args = p.parse_args(argv)
-    data = open_eval_data(args.data)
+    try:
+        data = open_eval_data(args.data)
+    except EvalDataError as e:
+        raise SystemExit(f"error: {e}")
     images = []
     for _, _, raw in iter_samples(data.shards("train")):
         images.append(decode_sample(raw, data)["image"])

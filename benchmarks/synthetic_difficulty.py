@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.data import decode_sample, iter_samples, open_eval_data  # noqa: E402
+from eval.data import EvalDataError, decode_sample, iter_samples, open_eval_data  # noqa: E402
 from eval.factors import FACTOR_NAMES  # noqa: E402
 from models.vit import ViTConfig, VisionTransformer  # noqa: E402
 
@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     log(f"# python benchmarks/synthetic_difficulty.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     log(f"# {platform.node()} {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    data = open_eval_data(args.data, label=args.factor)
+    try:
+        data = open_eval_data(args.data, label=args.factor)
+    except EvalDataError as e:
+        raise SystemExit(f"error: {e}")
     if data.kind != "synthetic":
         raise SystemExit(f"{args.data} is not a synthetic world (needs .json factor records)")
     train_x, train_f = load_split(data, "train")
