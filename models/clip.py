@@ -51,14 +51,20 @@ class CLIP(nn.Module):
     def clamp_logit_scale_(self) -> None:
         """After each optimizer step, as open_clip: the parameter back into [0, ln max_logit_scale]. Under DeepSpeed
         ZeRO the optimizer holds an fp32 master copy that overwrites the weights at every step: clamp that too
-        (collective under ZeRO-3: every rank calls this after the step)."""
+        (every rank calls this after the step)."""
         low, high = 0.0, math.log(self.max_logit_scale)
         param = self.logit_scale
-        if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+        if hasattr(param, "ds_id"):  # ZeRO-3: each rank clamps its own (possibly empty, padded) partition
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            local = safe_get_local_fp32_param(param)  # (partition,)
+            if local is not None:  # unconditionally: a data-dependent branch would sync the host every step
+                safe_set_local_fp32_param(param, local.clamp(low, high))
+        elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2
             from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
             master = safe_get_full_fp32_param(param)
-            if master is not None:  # unconditionally: a data-dependent branch would sync the host every step
+            if master is not None:
                 safe_set_full_fp32_param(param, master.clamp(low, high))
         getattr(param, "ds_tensor", param).clamp_(low, high)
 

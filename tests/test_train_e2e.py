@@ -1,5 +1,6 @@
 """End-to-end pretraining through the real entry point: 1 process and 2 DeepSpeed CPU ranks, exact resume."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -67,9 +68,14 @@ def test_resume_reproduces_the_straight_run(objective, ranks, tiny_world, tmp_pa
 @pytest.mark.parametrize("objective,zero_stage", [("siglip", 2), ("clip_frozen_text", 0), ("hybrid", 1), ("clip", 3)])
 def test_two_rank_deepspeed_run(objective, zero_stage, tiny_world, tmp_path):
     run_dir = tmp_path / objective
+    # the logit scale starts above its bound, so the post-step clamp runs on every rank, ZeRO-3's empty padded
+    # partition of the 1-element parameter included
     pretrain(objective, tiny_overrides(tiny_world, run_dir, "schedule.steps=3", "checkpoint.every=0",
-                                       f"deepspeed.zero_stage={zero_stage}"), ranks=2)
+                                       f"deepspeed.zero_stage={zero_stage}", "loss.init_logit_scale=5.0",
+                                       "loss.siglip_init_logit_scale=5.0"), ranks=2)
     check_run_folder(run_dir, steps=3, kind="clip")
+    model, _ = load_export(run_dir / "export" / "step_0000003")
+    assert model.logit_scale.item() <= math.log(100.0) + 1e-6
 
 
 def test_zero3_refused_with_an_ema_teacher(tiny_world, tmp_path):
