@@ -74,11 +74,25 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        _unlink_cpu_allreduce_buffer(rank)
         if "OMP_NUM_THREADS" not in os.environ:
             # ranks sharing a CPU machine split its cores instead of oversubscribing them
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     return DistInfo(rank, world, local_rank, device, backend)
+
+
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce puts a 67 MB file per rank in /dev/shm (RAM) and never removes it.
+    Every rank has mapped every file once `deepspeed.init_distributed` returns, so after a barrier each rank unlinks
+    its own: the mappings stay valid and the memory goes back to the system when the ranks exit, crash included."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    barrier()
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # ranks on several machines, or a DeepSpeed built without the shm op
+        pass
 
 
 def barrier() -> None:
