@@ -43,9 +43,8 @@ class CLIP(nn.Module):
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), the log clamped at ln max_logit_scale. The clamp's gradient passes at the bound itself,
         where `clamp_logit_scale_` puts the parameter, so the scale can come back down."""
-        log_scale = self.logit_scale  # (1,)
-        bound = log_scale.new_tensor(math.log(self.max_logit_scale))  # torch.clamp's gradient is 0 at the bound
-        return torch.where(log_scale > bound, bound, log_scale).exp()[0]
+        bound = math.log(self.max_logit_scale)  # a Python float: no tensor made per step
+        return torch.where(self.logit_scale > bound, bound, self.logit_scale).exp()[0]  # torch.clamp: 0 grad at bound
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

@@ -113,3 +113,20 @@ def test_errors(clip_model):
                                     if k != "vision_model.encoder.layers.1.layer_norm2.weight"}, cfg)
     with pytest.raises(ValueError, match="expected a CLIP"):
         convert_hf_clip_state_dict(state, {"model_type": "vit"})
+
+
+def test_mlp_widths_that_float_ratios_round_off(images):
+    """int(56 * (61 / 56)) == 60: the text and vision towers both rebuild the exact MLP width."""
+    torch.manual_seed(0)
+    text = {**TEXT, "hidden_size": 56, "intermediate_size": 61}
+    vision = {**VISION, "hidden_size": 56, "intermediate_size": 61}
+    hf = perturb(transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                                projection_dim=24)))
+    ids = tokens()
+    with torch.no_grad():
+        ref_i = _features(hf.get_image_features(pixel_values=images))
+        ref_t = _features(hf.get_text_features(input_ids=ids))
+    model, _ = convert_hf_clip_state_dict(hf.state_dict(), hf.config.to_dict())
+    with torch.no_grad():
+        assert (model.encode_image(images, normalize=False) - ref_i).abs().max().item() < TOL
+        assert (model.encode_text(ids, normalize=False) - ref_t).abs().max().item() < TOL

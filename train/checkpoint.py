@@ -60,7 +60,8 @@ def set_aside_newer(ckpt_dir: str | Path, step: int, complete_only: bool = True)
     folders = (complete_checkpoints(root) if complete_only else
                sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else [])
     for folder in folders:
-        if folder.name.split("_")[1].isdigit() and int(folder.name.split("_")[1]) > step:
+        number = folder.name.split("_")[1]  # step_NNNNNNN
+        if number.isdigit() and int(number) > step:
             target = folder.with_name(f"abandoned_{folder.name}_{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(folder, target)
             moved.append(target)

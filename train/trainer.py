@@ -260,11 +260,11 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
 def _metrics_row(step, terms_sum, accum, lr, wd, step_time, data_wait, global_batch, flops_per_sample, peak, dist,
                  samples_seen, after, skipped, nonfinite_total) -> dict[str, Any]:
     keys = sorted(terms_sum)
-    values = torch.stack([(terms_sum[k] / accum).detach().float().to(dist.device) for k in keys]).cpu()
+    values = torch.stack([(terms_sum[k] / accum).detach().float().to(dist.device) for k in keys])  # (terms,)
     if torch.distributed.is_initialized() and dist.world > 1:
-        values = values.to(dist.device)
         torch.distributed.all_reduce(values)
-        values = values.cpu() / dist.world
+        values = values / dist.world
+    values = values.cpu()  # the one host sync of the row
     row: dict[str, Any] = {"step": step}
     row.update({k: float(v) for k, v in zip(keys, values)})
     samples_per_s = global_batch / step_time

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -17,14 +18,44 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from models.convert.open_clip import _short, read_state_dict
 from models.vit import VIT_SIZES, ViTConfig, VisionTransformer, default_heads
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
-short = _short  # "a, b, c (+N more)": key lists in error messages
+
+
+def short(keys: Sequence[str], limit: int = 6) -> str:
+    """"a, b, c (+N more)": key lists in error messages."""
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """Weights from `.safetensors` or a torch file loaded with weights_only=True (never arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__})") from e
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"{path}: not a torch checkpoint ({str(e).splitlines()[0]})") from e
+        raise ValueError(f"{path}: refusing to load: the file holds Python objects that torch.load(weights_only="
+                         f"True) does not allow; re-save it as a plain state dict or .safetensors") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -36,7 +67,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 return read_state_dict(path / name)
         for name in INDEX_FILES:
             if (path / name).is_file():
-                index = json.loads((path / name).read_text())
+                index = read_json(path / name, "weight index")
                 state: dict[str, torch.Tensor] = {}
                 for shard in sorted(set(index.get("weight_map", {}).values())):
                     state.update(read_state_dict(path / shard))
@@ -117,7 +148,7 @@ def vit_config_from_weights(state: dict[str, torch.Tensor], *, heads: Optional[i
     if depth == 0:
         raise ValueError("no transformer blocks found: not a supported ViT layout")
     hidden = need("blocks.0.mlp.fc1.weight", 2).shape[0]
-    mlp_ratio = hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width  # int() round-off
+    mlp_ratio = mlp_ratio_for(hidden, width)
     heads = heads or default_heads(width, depth)
     if width % heads:
         raise ValueError(f"width {width} is not divisible by {heads} heads")
@@ -129,6 +160,12 @@ def vit_config_from_weights(state: dict[str, torch.Tensor], *, heads: Optional[i
                      layer_scale=1.0 if "blocks.0.ls1.gamma" in state else None, num_registers=registers,
                      pre_norm="norm_pre.weight" in state, norm_eps=norm_eps, patch_bias="patch_embed.bias" in state,
                      act=act)
+
+
+def mlp_ratio_for(hidden: int, width: int) -> float:
+    """The mlp_ratio whose `int(width * ratio)` (what Block builds) gives back `hidden` despite float round-off."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
 def load_strict(factory: Callable[[], nn.Module], converted: dict[str, torch.Tensor], what: str,

@@ -26,10 +26,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from models.clip import CLIP
-from models.convert.common import (build_vit, complete_hf_config, fuse_qkv, hf_preprocess, load_strict, namer,
-                                   read_json,
-                                   read_weights, rename_keys, require_tensors, run_cli, short, strip_prefixes,
-                                   vit_config_from_weights, vit_summary)
+from models.convert.common import (build_vit, complete_hf_config, fuse_qkv, hf_preprocess, load_strict,
+                                   mlp_ratio_for, namer, read_json, read_weights, rename_keys, require_tensors,
+                                   run_cli, short, strip_prefixes, vit_config_from_weights, vit_summary)
 from models.convert.hf_vit import hf_activation
 from models.export import save_export
 from models.text import TextTowerConfig, TextTransformer
@@ -140,7 +139,7 @@ def convert_hf_clip_state_dict(state: dict[str, Any], hf_config: dict[str, Any],
     text_cfg = TextTowerConfig(vocab_size=vocab, width=width, heads=int(tcfg_hf.get("num_attention_heads", 8)),
                                layers=layers, context_length=text_conv["pos_embed"].shape[0],
                                eot_id=None if eos == 2 else int(eos),
-                               mlp_ratio=text_conv["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                               mlp_ratio=mlp_ratio_for(text_conv["blocks.0.mlp.fc1.weight"].shape[0], width),
                                norm_eps=float(tcfg_hf.get("layer_norm_eps", 1e-5)),
                                act=hf_activation(tcfg_hf.get("hidden_act", "quick_gelu"), "text"))
     embed_dim = top["visual_projection.weight"].shape[0]

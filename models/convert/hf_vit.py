@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from models.convert.common import (build_vit, complete_hf_config, fuse_qkv, hf_preprocess, namer, read_json,
-                                   read_weights,
-                                   rename_keys, require_tensors, run_cli, short, strip_prefixes,
+                                   read_weights, rename_keys, require_tensors, run_cli, short, strip_prefixes,
                                    vit_config_from_weights, vit_summary)
 from models.export import save_export
+from models.transformer import ACTIVATIONS
 from models.vit import VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,31 +49,31 @@ RULES = [
     (r"^layernorm\.(weight|bias)$", r"norm.\1"),
 ]
 _NEW, _OLD = r"layers.\1.attention.", r"encoder.layer.\1.attention."
+_INV_EMBED = [(r"^cls_token$", "embeddings.cls_token"), (r"^pos_embed$", "embeddings.position_embeddings"),
+              (r"^patch_embed\.(\w+)$", r"embeddings.patch_embeddings.projection.\1")]
+_INV_NORM = (r"^norm\.(\w+)$", r"layernorm.\1")
 INVERSE = {  # clipdino key -> HF name, per layout (for "missing key" messages)
-    "5.x": [(r"^cls_token$", "embeddings.cls_token"), (r"^pos_embed$", "embeddings.position_embeddings"),
-            (r"^patch_embed\.(\w+)$", r"embeddings.patch_embeddings.projection.\1"),
+    "5.x": [*_INV_EMBED,
             (r"^blocks\.(\d+)\.attn\.qkv\.(\w+)$", _NEW + r"{q,k,v}_proj.\2"),
             (r"^blocks\.(\d+)\.attn\.proj\.(\w+)$", _NEW + r"o_proj.\2"),
             (r"^blocks\.(\d+)\.mlp\.(fc\d)\.(\w+)$", r"layers.\1.mlp.\2.\3"),
             (r"^blocks\.(\d+)\.norm1\.(\w+)$", r"layers.\1.layernorm_before.\2"),
-            (r"^blocks\.(\d+)\.norm2\.(\w+)$", r"layers.\1.layernorm_after.\2"), (r"^norm\.(\w+)$", r"layernorm.\1")],
-    "4.x": [(r"^cls_token$", "embeddings.cls_token"), (r"^pos_embed$", "embeddings.position_embeddings"),
-            (r"^patch_embed\.(\w+)$", r"embeddings.patch_embeddings.projection.\1"),
+            (r"^blocks\.(\d+)\.norm2\.(\w+)$", r"layers.\1.layernorm_after.\2"), _INV_NORM],
+    "4.x": [*_INV_EMBED,
             (r"^blocks\.(\d+)\.attn\.qkv\.(\w+)$", _OLD + r"attention.{query,key,value}.\2"),
             (r"^blocks\.(\d+)\.attn\.proj\.(\w+)$", _OLD + r"output.dense.\2"),
             (r"^blocks\.(\d+)\.mlp\.fc1\.(\w+)$", r"encoder.layer.\1.intermediate.dense.\2"),
             (r"^blocks\.(\d+)\.mlp\.fc2\.(\w+)$", r"encoder.layer.\1.output.dense.\2"),
             (r"^blocks\.(\d+)\.norm1\.(\w+)$", r"encoder.layer.\1.layernorm_before.\2"),
-            (r"^blocks\.(\d+)\.norm2\.(\w+)$", r"encoder.layer.\1.layernorm_after.\2"),
-            (r"^norm\.(\w+)$", r"layernorm.\1")]}
+            (r"^blocks\.(\d+)\.norm2\.(\w+)$", r"encoder.layer.\1.layernorm_after.\2"), _INV_NORM]}
 DROPPED = re.compile(r"^(pooler\.|classifier\.|embeddings\.mask_token$)")
-ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
 def hf_activation(name: Any, what: str) -> str:
-    if name not in ACTS:
-        raise ValueError(f"{what} hidden_act={name!r} is not supported (clipdino has {', '.join(ACTS)})")
-    return ACTS[name]
+    """HF `hidden_act` -> the blocks' `act` (the same names); anything else is refused."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{what} hidden_act={name!r} is not supported (clipdino has {', '.join(ACTIVATIONS)})")
+    return name
 
 
 def convert_hf_vit_state_dict(state: dict[str, Any], hf_config: dict[str, Any], *,

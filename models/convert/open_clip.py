@@ -19,9 +19,7 @@ argmax(token ids) (end-of-text is the largest id) is what our `eot_id=None` does
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import pickle
 import re
 import sys
 from dataclasses import asdict
@@ -31,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from models.clip import CLIP
+from models.convert.common import load_strict, mlp_ratio_for, read_json, read_state_dict, run_cli, short
 from models.export import save_export
 from models.text import TextTowerConfig, TextTransformer
 from models.vit import VIT_SIZES, ViTConfig, VisionTransformer, default_heads
@@ -123,8 +122,7 @@ def _depth_and_mlp_ratio(state: dict[str, torch.Tensor], prefix: str, width: int
     if not indices:
         raise ValueError(f"no {prefix}transformer.resblocks.* keys: not an open_clip ViT CLIP checkpoint")
     hidden = _require(state, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight", 2).shape[0]
-    ratio = hidden / width
-    return max(indices) + 1, ratio if int(width * ratio) == hidden else (hidden + 0.5) / width  # int() round-off
+    return max(indices) + 1, mlp_ratio_for(hidden, width)
 
 
 def infer_configs(state: dict[str, torch.Tensor], model_cfg: Optional[dict[str, Any]] = None
@@ -204,11 +202,6 @@ def _open_clip_name(key: str) -> str:
     return f"{prefix}transformer.resblocks.{m.group(2)}.{back[new]}{m.group(3)[len(new):]}"
 
 
-def _short(keys: Sequence[str], limit: int = 6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def convert_open_clip_state_dict(state: dict[str, Any], model_cfg: Optional[dict[str, Any]] = None, *,
                                  image_mean: Optional[Sequence[float]] = None,
                                  image_std: Optional[Sequence[float]] = None, copy: bool = True
@@ -218,7 +211,7 @@ def convert_open_clip_state_dict(state: dict[str, Any], model_cfg: Optional[dict
     copy=False lets the model share storage with float32 input tensors (saves memory when the input is discarded).
     """
     state = _unwrap(state)
-    problems = [f"{what} ({_short(keys, 3)})" for pattern, what in UNSUPPORTED
+    problems = [f"{what} ({short(keys, 3)})" for pattern, what in UNSUPPORTED
                 if (keys := [k for k in state if re.search(pattern, k)])]
     if model_cfg:
         problems += _unsupported_config(model_cfg)
@@ -227,25 +220,11 @@ def convert_open_clip_state_dict(state: dict[str, Any], model_cfg: Optional[dict
     vision_cfg, text_cfg, embed_dim = infer_configs(state, model_cfg)
     converted, source, unknown = _rename(state, copy)
     if unknown:
-        raise ValueError(f"unsupported open_clip keys: {_short(unknown)}")
+        raise ValueError(f"unsupported open_clip keys: {short(unknown)}")
 
-    with torch.device("meta"):  # no random init of weights that are overwritten anyway
-        model = CLIP(VisionTransformer(vision_cfg), TextTransformer(text_cfg), embed_dim, max_logit_scale=100.0,
-                     init_logit_bias=0.0 if "logit_bias" in converted else None)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in converted]
-    if missing:
-        raise ValueError(f"open_clip checkpoint is missing keys: {_short([_open_clip_name(k) for k in missing])}")
-    extra = [source[k] for k in converted if k not in expected]
-    if extra:
-        raise ValueError(f"unexpected open_clip keys for the inferred architecture: {_short(extra)}")
-    wrong = [f"{source[k]} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in converted.items()
-             if v.shape != expected[k].shape]
-    if wrong:
-        raise ValueError(f"shape mismatch (checkpoint vs clipdino): {_short(wrong, 3)}")
-    model.load_state_dict(converted, strict=True, assign=True)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a non-persistent buffer would stay meta
-        raise RuntimeError("conversion left meta tensors: clipdino's CLIP has state outside its state dict")
+    model = load_strict(lambda: CLIP(VisionTransformer(vision_cfg), TextTransformer(text_cfg), embed_dim,
+                                     max_logit_scale=100.0, init_logit_bias=0.0 if "logit_bias" in converted else None),
+                        converted, "open_clip", lambda k: source.get(k) or _open_clip_name(k))
     preprocess = (model_cfg or {}).get("preprocess_cfg") or {}
     config = {"vision": asdict(model.visual.cfg), "text": {"type": "transformer", **asdict(text_cfg)},
               "embed_dim": embed_dim, "max_logit_scale": model.max_logit_scale,
@@ -256,44 +235,12 @@ def convert_open_clip_state_dict(state: dict[str, Any], model_cfg: Optional[dict
     return model.eval(), config
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Weights from `.safetensors` or a torch file loaded with weights_only=True (never arbitrary unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__})") from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise ValueError(f"{path}: not a torch checkpoint ({str(e).splitlines()[0]})") from e
-        raise ValueError(f"{path}: refusing to load: the file holds Python objects that torch.load(weights_only="
-                         f"True) does not allow; re-save it as a plain state dict or .safetensors") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return state
-
-
 def read_model_config(path: str | Path) -> dict[str, Any]:
     """open_clip `model_configs/*.json` or a hub `open_clip_config.json` ({"model_cfg", "preprocess_cfg"})."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model config file")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from e
-    if isinstance(cfg, dict) and isinstance(cfg.get("model_cfg"), dict):
+    cfg = read_json(Path(path), "such model config file")
+    if isinstance(cfg.get("model_cfg"), dict):
         cfg = {**cfg["model_cfg"], "preprocess_cfg": cfg.get("preprocess_cfg") or {}}
-    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
+    if "vision_cfg" not in cfg or "text_cfg" not in cfg:
         raise ValueError(f"{path}: not an open_clip model config (needs vision_cfg and text_cfg)")
     return cfg
 
@@ -315,19 +262,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--image-mean", type=float, nargs=3, help="default: OpenAI CLIP mean / the config's")
     parser.add_argument("--image-std", type=float, nargs=3, help="default: OpenAI CLIP std / the config's")
     args = parser.parse_args(argv)
-    try:
+
+    def convert() -> tuple[Path, str]:
         model, config = load_open_clip_checkpoint(args.checkpoint, args.model_config,
                                                   image_mean=args.image_mean, image_std=args.image_std)
-        meta = {"source": str(args.checkpoint), "converted_from": "open_clip"}
-        out = save_export(args.out, model, "clip", config, meta=meta)
-    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    v, t = config["vision"], config["text"]
-    print(f"wrote {out}: ViT width {v['width']} depth {v['depth']} patch {v['patch_size']} image {v['image_size']}, "
-          f"text width {t['width']} layers {t['layers']} context {t['context_length']}, embed {config['embed_dim']}")
-    return 0
+        out = save_export(args.out, model, "clip", config,
+                          meta={"source": str(args.checkpoint), "converted_from": "open_clip"})
+        v, t = config["vision"], config["text"]
+        return out, (f"ViT width {v['width']} depth {v['depth']} patch {v['patch_size']} image {v['image_size']}, "
+                     f"text width {t['width']} layers {t['layers']} context {t['context_length']}, "
+                     f"embed {config['embed_dim']}")
 
+    return run_cli(convert)
 
 if __name__ == "__main__":
     sys.exit(main())
