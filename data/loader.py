@@ -79,7 +79,7 @@ class SampleProcessor:
             caption = sample["txt"].decode("utf-8", errors="replace").strip()
         try:
             with Image.open(io.BytesIO(image_bytes)) as im:
-                img = torch.from_numpy(_to_rgb_array(im)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+                img = pil_to_uint8(im)  # (3, H, W)
         except Exception as e:  # PIL raises many types for bad bytes
             raise SampleError("decode_error") from e
         out: dict[str, Any] = {"key": sample["__key__"], "caption": caption}
@@ -102,6 +102,11 @@ class SampleProcessor:
             else:
                 out["tokens"] = encoded
         return out
+
+
+def pil_to_uint8(im: Image.Image) -> torch.Tensor:
+    """PIL image -> (3, H, W) uint8 RGB tensor (the training loader's and the evaluation's decoding)."""
+    return torch.from_numpy(_to_rgb_array(im)).permute(2, 0, 1).contiguous()
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:

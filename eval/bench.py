@@ -102,6 +102,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="write OUT.json and OUT.txt")
     args = p.parse_args(argv)
+    unknown = [name for name in args.models.split(",") if name not in MODELS]
+    if unknown:
+        print(f"error: unknown --models {','.join(unknown)}; choose from {', '.join(MODELS)}", file=sys.stderr)
+        return 2
     if not (Path(args.data) / "world.json").is_file():
         print(f"error: {args.data} is not a synthetic world (python -m data.synthetic --out {args.data} ...)",
               file=sys.stderr)

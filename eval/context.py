@@ -41,7 +41,7 @@ class EvalSettings:
     thresholds: str = "0.7,0.5,0.8,0.5"  # disagreement: A high, B low, B high, A low
     top_pairs: int = 8
     batch_size: int = 64
-    workers: int = 2
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # decoding processes
     device: str = "auto"
     precision: str = "fp32"
     cache_dir: Optional[str] = None  # None: no feature cache

@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
-import torch
 from PIL import Image
 
+from data.loader import IMAGE_KEYS, pil_to_uint8
 from eval.factors import CLASSES, FACTOR_NAMES, factor_labels
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SPLITS = ("train", "val")
 
 
@@ -40,7 +38,6 @@ class EvalData:
     label: str = ""  # factor name (synthetic), "class" (labeled), "" (unlabeled)
     classes: Optional[list[str]] = None
     world: Optional[dict[str, Any]] = None
-    factor_names: tuple[str, ...] = ()
     has_captions: dict[str, bool] = field(default_factory=dict)
 
     def shards(self, split: str) -> list[Path]:
@@ -73,17 +70,17 @@ def open_eval_data(folder: str | os.PathLike, label: Optional[str] = None) -> Ev
             raise EvalDataError(f"unknown label factor {label!r} for the synthetic world; choose from "
                                 f"{', '.join(FACTOR_NAMES)}")
         return EvalData(root, "synthetic", splits, label, CLASSES[label], json.loads((root / "world.json").read_text()),
-                        FACTOR_NAMES, has_captions)
+                        has_captions)
     if (root / "classes.json").is_file():
         if label not in (None, "class"):
             raise EvalDataError(f"--label {label!r} applies to the synthetic world; labeled shards use their cls")
         classes = json.loads((root / "classes.json").read_text())
         if not isinstance(classes, list) or not classes:
             raise EvalDataError(f"{root / 'classes.json'} must be a non-empty list of class names")
-        return EvalData(root, "labeled", splits, "class", [str(c) for c in classes], None, (), has_captions)
+        return EvalData(root, "labeled", splits, "class", [str(c) for c in classes], None, has_captions)
     if label:
         raise EvalDataError(f"{root} has no labels (no world.json or classes.json) for --label {label!r}")
-    return EvalData(root, "unlabeled", splits, "", None, None, (), has_captions)
+    return EvalData(root, "unlabeled", splits, "", None, None, has_captions)
 
 
 def _has_member(shard: Path, suffix: str) -> bool:
@@ -133,14 +130,19 @@ def iter_samples(shards: list[Path]) -> Iterator[tuple[int, int, dict[str, bytes
             yield s, position, current
 
 
+def _image_bytes(sample: dict[str, bytes]) -> Optional[bytes]:
+    """The sample's encoded image (the first of IMAGE_KEYS it has), or None."""
+    return next((sample[e] for e in IMAGE_KEYS if e in sample), None)
+
+
 def decode_sample(sample: dict[str, bytes], data: EvalData) -> dict[str, Any]:
     """Raw sample -> {"key", "image" (3, H, W) uint8, "label", "caption", "factors" (list[int] or None)}."""
-    image_bytes = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    image_bytes = _image_bytes(sample)
     if image_bytes is None:
-        raise EvalDataError(f"sample {sample['__key__']!r} has no image ({'/'.join(IMAGE_EXTS)})")
+        raise EvalDataError(f"sample {sample['__key__']!r} has no image ({'/'.join(IMAGE_KEYS)})")
     try:
         with Image.open(io.BytesIO(image_bytes)) as im:
-            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+            image = pil_to_uint8(im)
     except Exception as e:  # PIL raises many types; an evaluation must not silently shrink its test set
         raise EvalDataError(f"sample {sample['__key__']!r} in {data.root}: undecodable image "
                             f"({type(e).__name__})") from None
@@ -170,7 +172,7 @@ def read_images(shards: list[Path], keys: set[str]) -> dict[str, Image.Image]:
     found: dict[str, Image.Image] = {}
     for _, _, sample in iter_samples(shards):
         if sample["__key__"] in keys:
-            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            data = _image_bytes(sample)
             if data is not None:
                 with Image.open(io.BytesIO(data)) as im:
                     found[sample["__key__"]] = im.convert("RGB")

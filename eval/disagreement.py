@@ -33,11 +33,6 @@ class Thresholds:
         return cls(*parts)
 
 
-def _pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    i, j = torch.triu_indices(n, n, offset=1)
-    return i, j
-
-
 def _zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std().clamp_min(1e-8)
 
@@ -49,8 +44,8 @@ def find_disagreements(za: torch.Tensor, zb: torch.Tensor, thresholds: Threshold
     Pairs are (i, j) with i < j; "pairs" lists hold (i, j, sim_A, sim_B), most disagreeing first."""
     if len(za) != len(zb):
         raise ValueError(f"the two models saw different images ({len(za)} vs {len(zb)})")
-    i, j = _pairs(len(za))
-    sa, sb = (za[i] * za[j]).sum(-1), (zb[i] * zb[j]).sum(-1)  # (P,) each
+    i, j = torch.triu_indices(len(za), len(za), offset=1)  # (P,) each, P = N (N - 1) / 2
+    sa, sb = (za @ za.T)[i, j], (zb @ zb.T)[i, j]  # (P,) each, from the (N, N) Gram matrices
     t = thresholds
     relative = _zscore(sa) - _zscore(sb)  # > 0: A finds the pair relatively more similar than B does
     sets = {"a_high_b_low": ((sa > t.a_high) & (sb < t.b_low), sa - sb, relative),

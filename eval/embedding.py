@@ -34,6 +34,11 @@ def _offdiag(n: int) -> torch.Tensor:
     return ~torch.eye(n, dtype=torch.bool)
 
 
+def _similarities(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, N) cosine similarities of unit-norm rows z and the mask of its off-diagonal (i != j) entries."""
+    return z @ z.T, _offdiag(len(z))
+
+
 def random_pair_similarity(z: torch.Tensor) -> float:
     """Mean cosine similarity over all distinct pairs of unit-norm rows z (N, D)."""
     n = len(z)
@@ -43,11 +48,12 @@ def random_pair_similarity(z: torch.Tensor) -> float:
     return ((total @ total - (z * z).sum()) / (n * (n - 1))).item()  # sum_{i != j} z_i . z_j / pairs
 
 
-def intra_inter(z: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Mean similarity of same-label vs different-label pairs for unit-norm rows z (N, D)."""
-    sim = z @ z.T  # (N, N)
+def intra_inter(z: torch.Tensor, labels: torch.Tensor,
+                sims: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
+    """Mean similarity of same-label vs different-label pairs for unit-norm rows z (N, D); `sims`: the
+    `_similarities(z)` of a caller that already has them."""
+    sim, off = sims if sims is not None else _similarities(z)  # (N, N) each
     same = labels[:, None] == labels[None, :]
-    off = _offdiag(len(z))
     intra, inter = sim[same & off], sim[~same]
     out = {"intra": intra.mean().item() if intra.numel() else float("nan"),
            "inter": inter.mean().item() if inter.numel() else float("nan")}
@@ -68,11 +74,12 @@ def class_similarity_matrix(z: torch.Tensor, labels: torch.Tensor, num_classes: 
     return torch.where(pairs > 0, total / pairs.clamp_min(1), torch.full_like(total, float("nan")))
 
 
-def natural_factor_similarity(z: torch.Tensor, factors: torch.Tensor, names: Sequence[str]
+def natural_factor_similarity(z: torch.Tensor, factors: torch.Tensor, names: Sequence[str],
+                              sims: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                               ) -> dict[str, dict[str, float]]:
-    """Per factor: mean similarity of val pairs that agree in it vs pairs that differ in it."""
-    sim = z @ z.T  # (N, N)
-    off = _offdiag(len(z))
+    """Per factor: mean similarity of val pairs that agree in it vs pairs that differ in it (`sims` as in
+    intra_inter)."""
+    sim, off = sims if sims is not None else _similarities(z)  # (N, N) each
     out = {}
     for i, name in enumerate(names):
         same = factors[:, i, None] == factors[None, :, i]
@@ -103,12 +110,14 @@ def analyse(z: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, f
     rand = random_pair_similarity(z)
     scale = max(1.0 - rand, 1e-6)
     out: dict[str, Any] = {"samples": len(z), "random_pair_similarity": rand}
-    if labels is not None and (labels >= 0).all() and num_classes:
-        out["label"] = intra_inter(z, labels)
+    with_labels = labels is not None and bool((labels >= 0).all()) and bool(num_classes)
+    sims = _similarities(z) if with_labels or factors is not None else None
+    if with_labels:
+        out["label"] = intra_inter(z, labels, sims)
         out["label"]["gap_normalized"] = out["label"]["gap"] / scale
         out["class_similarity"] = class_similarity_matrix(z, labels, num_classes)
     if factors is not None:
-        out["natural"] = natural_factor_similarity(z, factors, factor_names)
+        out["natural"] = natural_factor_similarity(z, factors, factor_names, sims)
         for entry in out["natural"].values():
             entry["gap_normalized"] = entry["gap"] / scale
     return out

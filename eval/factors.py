@@ -10,8 +10,6 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Optional
 
-from PIL import Image
-
 from data import synthetic as syn
 
 FACTOR_NAMES = ("shape", "word", "count", "color", "style", "size", "position", "rotation")
@@ -93,10 +91,6 @@ def controlled_pairs(records: list[dict[str, Any]], factors: tuple[str, ...], pa
         for base in rng.sample(records, min(pairs_per_factor, len(records))):
             out.append((factor, base, syn.vary_factor(base, factor, rng)))
     return out
-
-
-def render(factors: dict[str, Any], image_size: int) -> Image.Image:
-    return syn.render_image(factors, image_size)
 
 
 def describe_change(base: dict[str, Any], varied: dict[str, Any], factor: str) -> str:

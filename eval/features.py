@@ -18,7 +18,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from data.loader import pil_to_uint8
+from data.shards import count_samples
 from data.transforms import EvalTransform
 from eval.data import EvalData, decode_sample, iter_samples
 
@@ -114,8 +116,8 @@ def export_identity(export_dir: str | os.PathLike) -> dict[str, Any]:
 
 def cache_key(identity: dict[str, Any], data: EvalData, split: str, settings: ExtractSettings) -> str:
     payload = {"version": FEATURE_VERSION, "export": identity, "data": data.fingerprint(split), "kind": data.kind,
-               "label": data.label, "image_size": settings.image_size, "mean": list(settings.mean), "std": list(settings.std),
-               "precision": settings.precision}
+               "label": data.label, "image_size": settings.image_size, "mean": list(settings.mean),
+               "std": list(settings.std), "precision": settings.precision}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -145,35 +147,53 @@ def _run(model: nn.Module, kind: str, data: EvalData, split: str, settings: Extr
     total = _expected_samples(data, shards)
     model = model.to(settings.device).eval()
     rows: list[dict[str, Any]] = []
-    cls_parts, emb_parts = [], []
     bar = tqdm(total=total, unit="img", desc=f"features {split}", disable=not settings.progress, leave=False)
-    with bar, torch.inference_mode(), _autocast(settings):
+
+    def images() -> Iterator[torch.Tensor]:
         for batch in loader:
-            cls, emb = encode_images(model, kind, batch["images"].to(settings.device, non_blocking=True))
-            cls_parts.append(cls.cpu())
-            if emb is not None:
-                emb_parts.append(emb.cpu())
             rows.extend(dict(zip(("key", "label", "caption", "factors", "order"), r)) for r in zip(
                 batch["keys"], batch["labels"], batch["captions"], batch["factors"], batch["order"]))
             bar.update(len(batch["keys"]))
+            yield batch["images"].to(settings.device, non_blocking=True)
+
+    with bar, torch.inference_mode():
+        cls_all, emb_all = _encode_batches(model, kind, images(), settings)
     if not rows:
         raise ValueError(f"no samples in the {split} shards of {data.root}")
     order = sorted(range(len(rows)), key=lambda i: rows[i]["order"])  # archive order, whatever the workers did
     index = torch.tensor(order)
     rows = [rows[i] for i in order]
     factors = torch.tensor([r["factors"] for r in rows], dtype=torch.long) if rows[0]["factors"] is not None else None
-    return Features(keys=[r["key"] for r in rows], cls=torch.cat(cls_parts)[index],
+    return Features(keys=[r["key"] for r in rows], cls=cls_all[index],
                     labels=torch.tensor([r["label"] for r in rows], dtype=torch.long),
                     captions=[r["caption"] for r in rows],
-                    embeds=torch.cat(emb_parts)[index] if emb_parts else None, factors=factors)
+                    embeds=emb_all[index] if emb_all is not None else None, factors=factors)
+
+
+def _encode_batches(model: nn.Module, kind: str, batches: Iterable[torch.Tensor], settings: ExtractSettings
+                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """encode_images over (B, 3, S, S) batches already on the device -> (CLS (N, D), embeddings (N, E) or None)
+    on the CPU, concatenated; (None, None) when there was no batch. The parts stay on the device until the loop
+    ends (a per-batch .cpu() would wait for the GPU every batch) and come over part by part, so the device never
+    holds a second, concatenated copy."""
+    cls_parts, emb_parts = [], []
+    with _autocast(settings):
+        for images in batches:
+            cls, emb = encode_images(model, kind, images)
+            cls_parts.append(cls)
+            if emb is not None:
+                emb_parts.append(emb)
+    if not cls_parts:
+        return None, None
+    return torch.cat([p.cpu() for p in cls_parts]), torch.cat([p.cpu() for p in emb_parts]) if emb_parts else None
 
 
 def _expected_samples(data: EvalData, shards: list[Path]) -> Optional[int]:
-    sizes = data.root / "sizes.json"
-    if not sizes.is_file():
+    """The progress bar's total, when the folder has a sizes.json (without one, count_samples would read every
+    tar header: a second pass over the data just for a progress bar)."""
+    if not (data.root / "sizes.json").is_file():
         return None
-    table = json.loads(sizes.read_text())
-    return sum(int(table.get(p.name, 0)) for p in shards) or None
+    return count_samples([str(p) for p in shards]) or None
 
 
 @torch.no_grad()
@@ -182,21 +202,9 @@ def encode_pil(model: nn.Module, kind: str, images: list, settings: ExtractSetti
     """Features of in-memory PIL images (controlled pairs), batched like extract_features."""
     transform = settings.transform()
     model = model.to(settings.device).eval()
-    cls_parts, emb_parts = [], []
-    for start in range(0, len(images), settings.batch_size):
-        batch = torch.stack([transform(_pil_to_uint8(im)) for im in images[start:start + settings.batch_size]])
-        with _autocast(settings):
-            cls, emb = encode_images(model, kind, batch.to(settings.device))
-        cls_parts.append(cls.cpu())
-        if emb is not None:
-            emb_parts.append(emb.cpu())
-    return torch.cat(cls_parts), torch.cat(emb_parts) if emb_parts else None
-
-
-def _pil_to_uint8(image) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
+    batches = (torch.stack([transform(pil_to_uint8(im)) for im in images[start:start + settings.batch_size]]
+                           ).to(settings.device) for start in range(0, len(images), settings.batch_size))
+    return _encode_batches(model, kind, batches, settings)
 
 
 def save_features(feats: Features, path: Path) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from eval.linear_probe import accuracy
+
 
 @torch.no_grad()
 def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int, k: int = 20,
@@ -36,10 +38,8 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
 def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, k: int = 20, temperature: float = 0.07) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%) of the weighted kNN classifier."""
-    scores = knn_predict(train_x, train_y, test_x, num_classes, k, temperature)
-    ranked = scores.topk(min(5, num_classes), dim=-1).indices.cpu()  # (M, 5)
-    test_y = test_y.cpu()
-    top1 = 100.0 * (ranked[:, 0] == test_y).float().mean().item()
-    top5 = 100.0 * (ranked == test_y[:, None]).any(-1).float().mean().item() if num_classes > 5 else None
-    return {"top1": top1, "top5": top5, "k": min(k, len(train_x)), "temperature": temperature,
-            "train_samples": len(train_x), "val_samples": len(test_x)}
+    scores = knn_predict(train_x, train_y, test_x, num_classes, k, temperature)  # (M, C)
+    test_y = test_y.to(scores.device)
+    return {"top1": accuracy(scores, test_y, 1), "top5": accuracy(scores, test_y, 5) if num_classes > 5 else None,
+            "k": min(k, len(train_x)), "temperature": temperature, "train_samples": len(train_x),
+            "val_samples": len(test_x)}

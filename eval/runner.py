@@ -96,6 +96,19 @@ def check_settings(s: EvalSettings) -> None:
     if bad:
         raise ValueError(f"invalid settings: {', '.join(bad)} (must be positive)")
     Thresholds.parse(s.thresholds)
+    check_device(s.resolved_device())
+
+
+def check_device(name: str) -> None:
+    """--device names a device this machine has (one line otherwise, before any work)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device ({str(e).splitlines()[0]})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
 
 
 def jsonable(x: Any) -> Any:

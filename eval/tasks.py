@@ -23,7 +23,6 @@ class Task:
     fn: Callable[[EvalContext], dict[str, Any]]
     needs_labels: bool = False
     needs_train: bool = False
-    description: str = ""
 
 
 def linear_probe_task(ctx: EvalContext) -> dict[str, Any]:
@@ -107,12 +106,12 @@ def embedding_task(ctx: EvalContext) -> dict[str, Any]:
 
 
 TASKS: dict[str, Task] = {
-    "linear_probe": Task(linear_probe_task, needs_labels=True, needs_train=True,
-                         description="linear probe on CLS features (z-scored, AdamW, LR x WD grid)"),
-    "knn": Task(knn_task, needs_labels=True, needs_train=True, description="weighted 20-NN (DINO)"),
-    "zero_shot": Task(zero_shot_task, needs_labels=True, description="zero-shot classification (text tower)"),
-    "retrieval": Task(retrieval_task, description="image-text retrieval recall@1/5/10 on val captions"),
-    "embedding": Task(embedding_task, description="factor sensitivity, class similarity, disagreement pairs"),
+    # linear probe on CLS features (z-scored, AdamW, LR x WD grid)
+    "linear_probe": Task(linear_probe_task, needs_labels=True, needs_train=True),
+    "knn": Task(knn_task, needs_labels=True, needs_train=True),  # weighted 20-NN (DINO)
+    "zero_shot": Task(zero_shot_task, needs_labels=True),  # zero-shot classification (text tower)
+    "retrieval": Task(retrieval_task),  # image-text retrieval recall@1/5/10 on val captions
+    "embedding": Task(embedding_task),  # factor sensitivity, class similarity, disagreement pairs
 }
 
 

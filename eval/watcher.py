@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 EXPORT_NAME = re.compile(r"^step_(\d{7,})$")
 LEDGER, REPORT, PLOT, LOCK, STOP = "evals.jsonl", "evals.md", "evals.png", ".evals.lock", ".evals.stop"
+EXPORT_FORMAT = "clipdino-export"  # models.export.FORMAT, not imported: the long-lived watcher stays free of torch
 
 
 class WatcherBusy(RuntimeError):
@@ -61,28 +62,25 @@ def export_complete(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return config.get("format") == "clipdino-export" and safetensors_complete(folder / "model.safetensors")
+    return config.get("format") == EXPORT_FORMAT and safetensors_complete(folder / "model.safetensors")
 
 
-def complete_exports(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of the run's complete exports, by step."""
+def complete_exports(run_dir: Path, skip: frozenset[str] | set[str] = frozenset()) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's complete exports, by step; names in `skip` are not even checked."""
     folder = run_dir / "export"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := EXPORT_NAME.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if p.name not in skip and (m := EXPORT_NAME.match(p.name)) and p.is_dir()]
     return sorted((step, p) for step, p in found if export_complete(p))
 
 
 def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
+    """The ledger's rows; a torn last line (killed mid-write) is skipped, so that export is evaluated again."""
+    from train.plots import read_jsonl
+
     path = run_dir / LEDGER
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a torn last line (killed mid-write): that export is simply evaluated again
-    return rows
+    return read_jsonl(path) if path.is_file() else []
 
 
 def _pid_alive(pid: int) -> bool:
@@ -120,15 +118,18 @@ class Watcher:
         self.data = str(Path(data).resolve()) if data else data
         self.interval, self.eval_args, self.eval_timeout = interval, list(eval_args), eval_timeout
         self.retry_failed, self.log = retry_failed, log
-        self.stopping = False
         self.attempted: set[str] = set()  # exports evaluated by this watcher: a retried failure is retried once
         self.signals = 0  # stop signals received: 1 = after this evaluation, 2 = now
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals > 0
 
     # ------------------------------------------------------------------ one export
     def pending(self) -> list[tuple[int, Path]]:
         done = {r["export"] for r in read_ledger(self.run_dir)
                 if r.get("status") == "ok" or not self.retry_failed} | self.attempted
-        return [(s, p) for s, p in complete_exports(self.run_dir) if p.name not in done]
+        return complete_exports(self.run_dir, skip=done)  # evaluated exports never change: not re-read each poll
 
     def evaluate(self, step: int, export: Path) -> Optional[dict[str, Any]]:
         """The ledger row of one evaluation; None when the watcher was stopping and the evaluation was killed."""
@@ -226,7 +227,6 @@ class Watcher:
 
     def _on_signal(self, *_: Any) -> None:
         self.signals += 1
-        self.stopping = True
         if self.signals == 1:
             self.log("[watch] stopping after the current evaluation (signal again to end it now)")
 
@@ -308,13 +308,13 @@ def render_ledger(rows: list[dict[str, Any]], title: str) -> str:
 class WatcherProcess:
     """A watcher started as a separate process by the trainer."""
 
-    def __init__(self, proc: subprocess.Popen, log_path: Path, stop_file: Path):
-        self.proc, self.log_path, self.stop_file = proc, log_path, stop_file
+    def __init__(self, proc: subprocess.Popen, stop_file: Path):
+        self.proc, self.stop_file = proc, stop_file
 
-    def finish(self, wait: bool = False, timeout: Optional[float] = None) -> Optional[int]:
-        """Training is over: the watcher evaluates the remaining exports, then exits (wait=True: block)."""
+    def finish(self) -> None:
+        """Training is over: the watcher evaluates the remaining exports, then exits (it is not waited for)."""
         self.stop_file.touch()
-        return self.proc.wait(timeout) if wait else self.proc.poll()
+        self.proc.poll()  # reaps it if it has already exited
 
 
 def start_watcher(run_dir: str | os.PathLike, tasks: str, data: str = "", extra: Sequence[str] = (),
@@ -333,17 +333,11 @@ def start_watcher(run_dir: str | os.PathLike, tasks: str, data: str = "", extra:
     with open(log_path, "a") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     log(f"[clipdino] eval watcher started (pid {proc.pid}): results in {run_dir / REPORT}, log {log_path}")
-    return WatcherProcess(proc, log_path, stop_file)
+    return WatcherProcess(proc, stop_file)
 
 
 def default_eval_data(run_dir: Path, eval_data: str = "", train_pattern: str = "") -> str:
-    """eval.data, else the synthetic world beside data.train (from the arguments or RUN_DIR/config.yaml)."""
-    if not (eval_data or train_pattern) and (run_dir / "config.yaml").is_file():
-        import yaml
-
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        eval_data = (cfg.get("eval") or {}).get("data") or ""
-        train_pattern = (cfg.get("data") or {}).get("train") or ""
+    """eval.data, else the synthetic world beside data.train (the run's config values)."""
     if eval_data:
         return eval_data
     folder = Path(train_pattern).parent if train_pattern else None

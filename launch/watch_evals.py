@@ -17,19 +17,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import _bootstrap  # noqa: F401  (repo root on sys.path)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise SystemExit(f"{self.prog}: error: {message}")
+from _bootstrap import OneLineParser  # (and the repo root on sys.path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = _OneLineParser(prog="launch/watch_evals.py", description=__doc__,
+    p = OneLineParser(prog="launch/watch_evals.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run folder (its export/step_NNNNNNN/ folders are evaluated)")
     p.add_argument("--tasks", help="comma-separated tasks (default: the run's eval.tasks, else all)")
@@ -50,9 +45,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if not run_dir.is_dir():
             raise ValueError(f"run folder {run_dir} does not exist")
-        tasks = args.tasks or _config_tasks(run_dir) or ",".join(DEFAULT_TASKS)
+        run_eval, run_data = _run_config(run_dir)
+        tasks = args.tasks or run_eval.get("tasks") or ",".join(DEFAULT_TASKS)
         parse_tasks(tasks)  # unknown names fail here, with a suggestion
-        data = args.data or default_eval_data(run_dir)
+        data = args.data or default_eval_data(run_dir, run_eval.get("data") or "", run_data.get("train") or "")
         if not Path(data).is_dir():
             raise ValueError(f"evaluation data folder {data} does not exist")
         if args.once and not complete_exports(run_dir):
@@ -66,13 +62,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _config_tasks(run_dir: Path) -> str:
+def _run_config(run_dir: Path) -> tuple[dict, dict]:
+    """The `eval` and `data` sections of RUN_DIR/config.yaml ({} where absent); a bad file is a ValueError."""
     if not (run_dir / "config.yaml").is_file():
-        return ""
-    import yaml
+        return {}, {}
+    from train.config_loader import read_yaml_with_extends
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    return (cfg.get("eval") or {}).get("tasks") or ""
+    cfg = read_yaml_with_extends(run_dir / "config.yaml")  # ConfigError (a ValueError): one line, file named
+    sections = []
+    for name in ("eval", "data"):
+        section = cfg.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{run_dir / 'config.yaml'}: `{name}` is not a section")
+        sections.append(section)
+    return sections[0], sections[1]
 
 
 if __name__ == "__main__":

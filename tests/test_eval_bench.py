@@ -15,3 +15,8 @@ def test_bench_tiny(tiny_world, tmp_path):
     assert tiny["forward"]["images_per_s"] > 0 and tiny["pipeline"]["images"] == 32
     assert tiny["probe_paper_step"]["grid_points"] == 12 and "load_after" in result
     assert (tmp_path / "bench.txt").read_text().count("| tiny") == 1
+
+
+def test_unknown_model_is_one_line(tmp_path, capsys):
+    assert main(["--models", "tiny,huge", "--data", str(tmp_path)]) == 2
+    assert "unknown --models huge" in capsys.readouterr().err

@@ -118,3 +118,14 @@ def test_zero_shot_with_class_centre_prompts():
     assert result["top1"] == 100 and result["classes"] == C
     assert zero_shot_classify(images, y, weights.roll(1, 0))["top1"] == 0
     assert not math.isnan(result["top5"])
+
+
+def test_knn_top5_only_beyond_five_classes():
+    train = torch.eye(5).repeat(4, 1)  # 20 samples, one direction per class
+    labels = torch.arange(20) % 5
+    query, truth = torch.eye(5) + 0.01, torch.arange(5)
+    few = knn_classify(train, labels, query, truth, 5, k=4)
+    assert few["top1"] == 100 and few["top5"] is None
+    second = torch.eye(5) + 0.5 * torch.eye(5).roll(1, dims=1)  # closest to class c, then to class c + 1
+    many = knn_classify(train, labels, second, (truth + 1) % 5, 10, k=8)  # 10 classes: top-5 is reported
+    assert many["top1"] == 0 and many["top5"] == 100  # the true class has the second-largest vote

@@ -176,7 +176,8 @@ def test_unlabeled_shards(exports, tiny_world, tmp_path, capsys):
 
 @pytest.mark.parametrize("case, expected", [
     ("missing", "no export at"), ("partial", "is not a complete export"), ("task", "did you mean knn"),
-    ("label", "unknown label factor 'hue'"), ("data", "does not exist"), ("corrupt", "cannot load the export")])
+    ("label", "unknown label factor 'hue'"), ("data", "does not exist"), ("corrupt", "cannot load the export"),
+    ("device", "--device 'bogus' is not a device"), ("no_gpu", "CUDA device(s)")])
 def test_bad_input_one_line_errors(case, expected, exports, tiny_world, tmp_path, capsys):
     checkpoint, data, extra = exports / "vit", tiny_world, []
     if case == "missing":
@@ -191,6 +192,10 @@ def test_bad_input_one_line_errors(case, expected, exports, tiny_world, tmp_path
         extra = ["--label", "hue"]
     elif case == "data":
         data = tmp_path / "no_data"
+    elif case == "device":
+        extra = ["--device", "bogus"]
+    elif case == "no_gpu":
+        extra = ["--device", f"cuda:{torch.cuda.device_count()}"]  # one past the last
     elif case == "corrupt":
         checkpoint = tmp_path / "corrupt"
         checkpoint.mkdir()

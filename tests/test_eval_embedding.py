@@ -107,3 +107,23 @@ def test_disagreement_pairs_follow_what_each_model_tracks():
     assert Thresholds.parse("0.7,0.5,0.8,0.5") == Thresholds()
     with pytest.raises(ValueError, match="4 comma-separated"):
         Thresholds.parse("0.7,0.5")
+
+
+def test_analyse_matches_the_standalone_statistics():
+    """analyse shares one similarity matrix between its statistics: same numbers as each function alone."""
+    g = torch.Generator().manual_seed(3)
+    z, labels, factors = unit(50, 8, 3), torch.arange(50) % 5, torch.randint(0, 3, (50, 2), generator=g)
+    full = analyse(z, labels, 5, factors, ["a", "b"])
+    alone = intra_inter(z, labels)
+    assert all(full["label"][k] == pytest.approx(alone[k], abs=1e-6) for k in alone)
+    natural = natural_factor_similarity(z, factors, ["a", "b"])
+    assert all(full["natural"][f][k] == pytest.approx(natural[f][k], abs=1e-6) for f in natural for k in natural[f])
+
+
+def test_disagreement_similarities_are_the_pair_cosines():
+    za, zb = unit(12, 8, 4), unit(12, 6, 5)
+    report = find_disagreements(za, zb, Thresholds(-2, 2, -2, 2), top=3)  # every pair passes both thresholds
+    assert report["pairs_total"] == 12 * 11 // 2
+    for i, j, sa, sb in report["a_high_b_low"]["pairs"] + report["b_high_a_low"]["pairs"]:
+        assert i < j and sa == pytest.approx(float(za[i] @ za[j]), abs=1e-6)
+        assert sb == pytest.approx(float(zb[i] @ zb[j]), abs=1e-6)

@@ -116,6 +116,13 @@ def test_ctrl_c_lets_the_running_evaluation_finish(good_export, tiny_world, tmp_
     assert [r["step"] for r in read_ledger(tmp_path)] == [10]  # no row: step 20 is evaluated next time
 
 
+def test_export_format_matches_the_exporter():
+    from eval.watcher import EXPORT_FORMAT
+    from models.export import FORMAT
+
+    assert EXPORT_FORMAT == FORMAT
+
+
 def test_one_watcher_per_run(tmp_path):
     with _lock(tmp_path):
         with pytest.raises(WatcherBusy, match="another watcher"):
@@ -136,6 +143,13 @@ def test_cli_once_and_errors(good_export, tiny_world, tmp_path):
     assert typo.returncode == 2 and "did you mean linear_probe" in typo.stderr
     no_data = cli(str(tmp_path), "--once")  # no --data and no run config to take it from
     assert no_data.returncode == 2 and "set eval.data" in no_data.stderr
+    (tmp_path / "config.yaml").write_text("eval: 5\n")  # a run config that is not what the trainer writes
+    bad_config = cli(str(tmp_path), "--once")
+    assert bad_config.returncode == 2 and "`eval` is not a section" in bad_config.stderr
+    (tmp_path / "config.yaml").write_text("eval: [unclosed\n")
+    bad_yaml = cli(str(tmp_path), "--once")
+    assert bad_yaml.returncode == 2 and "invalid YAML" in bad_yaml.stderr and "Traceback" not in bad_yaml.stderr
+    (tmp_path / "config.yaml").unlink()
     add_export(tmp_path, 7, good_export)
     ok = cli(str(tmp_path), "--once", "--tasks", "knn", "--data", str(tiny_world), "--", *ARGS)
     assert ok.returncode == 0, ok.stderr

@@ -7,6 +7,7 @@ twice and nothing foreign is ever unpickled (`torch.load(weights_only=True)` or 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pickle
@@ -23,6 +24,8 @@ from models.vit import VIT_SIZES, ViTConfig, VisionTransformer, default_heads
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+HF_CHECKPOINT_HELP = "HF model folder (config.json + weights) or a weight file with --config"
+HF_CONFIG_HELP = "config.json (default: the one in the checkpoint's folder)"
 
 
 
@@ -194,6 +197,16 @@ def load_strict(factory: Callable[[], nn.Module], converted: dict[str, torch.Ten
 def build_vit(converted: dict[str, torch.Tensor], cfg: ViTConfig, what: str,
               source: Callable[[str], str] = str) -> VisionTransformer:
     return load_strict(lambda: VisionTransformer(cfg), converted, what, source)  # type: ignore[return-value]
+
+
+def converter_parser(description: str, checkpoint_help: str, stats_default: str) -> argparse.ArgumentParser:
+    """The arguments every converter CLI takes: the checkpoint, --out, --image-mean / --image-std."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("checkpoint", help=checkpoint_help)
+    parser.add_argument("--out", required=True, help="export folder to write")
+    parser.add_argument("--image-mean", type=float, nargs=3, help=f"default: {stats_default}")
+    parser.add_argument("--image-std", type=float, nargs=3, help=f"default: {stats_default}")
+    return parser
 
 
 def run_cli(convert: Callable[[], tuple[Path, str]]) -> int:

@@ -16,7 +16,6 @@ else OpenAI CLIP's.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import asdict
@@ -26,7 +25,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from models.clip import CLIP
-from models.convert.common import (build_vit, complete_hf_config, fuse_qkv, hf_preprocess, load_strict,
+from models.convert.common import (HF_CHECKPOINT_HELP, HF_CONFIG_HELP, build_vit, complete_hf_config,
+                                   converter_parser, fuse_qkv, hf_preprocess, load_strict,
                                    mlp_ratio_for, namer, read_json, read_weights, rename_keys, require_tensors,
                                    run_cli, short, strip_prefixes, vit_config_from_weights, vit_summary)
 from models.convert.hf_vit import hf_activation
@@ -183,14 +183,10 @@ def load_hf_clip(path: str | Path, config_path: Optional[str | Path] = None, *, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face CLIPModel / CLIPVisionModel into a clipdino "
-                                                 "export (clip, or vit for a vision tower).")
-    parser.add_argument("checkpoint", help="HF model folder (config.json + weights) or a weight file with --config")
-    parser.add_argument("--out", required=True, help="export folder to write")
-    parser.add_argument("--config", help="config.json (default: the one in the checkpoint's folder)")
+    parser = converter_parser("Convert a Hugging Face CLIPModel / CLIPVisionModel into a clipdino export (clip, or "
+                              "vit for a vision tower).", HF_CHECKPOINT_HELP, "preprocessor_config.json / OpenAI CLIP")
+    parser.add_argument("--config", help=HF_CONFIG_HELP)
     parser.add_argument("--vision-only", action="store_true", help="export only the image tower (kind vit)")
-    parser.add_argument("--image-mean", type=float, nargs=3, help="default: preprocessor_config.json / OpenAI CLIP")
-    parser.add_argument("--image-std", type=float, nargs=3, help="default: preprocessor_config.json / OpenAI CLIP")
     args = parser.parse_args(argv)
 
     def convert() -> tuple[Path, str]:

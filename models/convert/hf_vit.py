@@ -14,14 +14,14 @@ Image mean / std come from `preprocessor_config.json` when present, else ImageNe
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from models.convert.common import (build_vit, complete_hf_config, fuse_qkv, hf_preprocess, namer, read_json,
+from models.convert.common import (HF_CHECKPOINT_HELP, HF_CONFIG_HELP, build_vit, complete_hf_config,
+                                   converter_parser, fuse_qkv, hf_preprocess, namer, read_json,
                                    read_weights, rename_keys, require_tensors, run_cli, short, strip_prefixes,
                                    vit_config_from_weights, vit_summary)
 from models.export import save_export
@@ -122,12 +122,9 @@ def load_hf_vit(path: str | Path, config_path: Optional[str | Path] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face ViTModel into a clipdino vit export.")
-    parser.add_argument("checkpoint", help="HF model folder (config.json + weights) or a weight file with --config")
-    parser.add_argument("--out", required=True, help="export folder to write")
-    parser.add_argument("--config", help="config.json (default: the one in the checkpoint's folder)")
-    parser.add_argument("--image-mean", type=float, nargs=3, help="default: preprocessor_config.json / ImageNet")
-    parser.add_argument("--image-std", type=float, nargs=3, help="default: preprocessor_config.json / ImageNet")
+    parser = converter_parser("Convert a Hugging Face ViTModel into a clipdino vit export.", HF_CHECKPOINT_HELP,
+                              "preprocessor_config.json / ImageNet")
+    parser.add_argument("--config", help=HF_CONFIG_HELP)
     args = parser.parse_args(argv)
 
     def convert() -> tuple[Path, str]:

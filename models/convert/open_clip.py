@@ -18,7 +18,6 @@ argmax(token ids) (end-of-text is the largest id) is what our `eot_id=None` does
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -29,7 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from models.clip import CLIP
-from models.convert.common import load_strict, mlp_ratio_for, read_json, read_state_dict, run_cli, short
+from models.convert.common import (converter_parser, load_strict, mlp_ratio_for, read_json, read_state_dict, run_cli,
+                                   short)
 from models.export import save_export
 from models.text import TextTowerConfig, TextTransformer
 from models.vit import VIT_SIZES, ViTConfig, VisionTransformer, default_heads
@@ -255,12 +255,9 @@ def load_open_clip_checkpoint(path: str, model_cfg_path: Optional[str] = None, *
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert an open_clip ViT CLIP checkpoint into a clipdino export.")
-    parser.add_argument("checkpoint", help=".bin / .pt / .pth (torch, weights_only) or .safetensors")
-    parser.add_argument("--out", required=True, help="export folder to write")
+    parser = converter_parser("Convert an open_clip ViT CLIP checkpoint into a clipdino export.",
+                              ".bin / .pt / .pth (torch, weights_only) or .safetensors", "OpenAI CLIP's / the config's")
     parser.add_argument("--model-config", help="open_clip model config JSON (heads, flags); optional for stock ViTs")
-    parser.add_argument("--image-mean", type=float, nargs=3, help="default: OpenAI CLIP mean / the config's")
-    parser.add_argument("--image-std", type=float, nargs=3, help="default: OpenAI CLIP std / the config's")
     args = parser.parse_args(argv)
 
     def convert() -> tuple[Path, str]:

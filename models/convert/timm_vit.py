@@ -20,15 +20,14 @@ towers (inferred from a hub folder's architecture name containing "quickgelu").
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from models.convert.common import (build_vit, read_json, read_weights, require_tensors, run_cli, short,
-                                   strip_prefixes, vit_config_from_weights, vit_summary)
+from models.convert.common import (build_vit, converter_parser, read_json, read_weights, require_tensors, run_cli,
+                                   short, strip_prefixes, vit_config_from_weights, vit_summary)
 from models.export import save_export
 from models.vit import VisionTransformer
 
@@ -98,15 +97,13 @@ def load_timm_checkpoint(path: str | Path, **kwargs: Any) -> tuple[VisionTransfo
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert a timm / DINO ViT checkpoint into a clipdino vit export.")
-    parser.add_argument("checkpoint", help=".pth / .bin (torch, weights_only) / .safetensors, or a timm hub folder")
-    parser.add_argument("--out", required=True, help="export folder to write")
+    parser = converter_parser("Convert a timm / DINO ViT checkpoint into a clipdino vit export.",
+                              ".pth / .bin (torch, weights_only) / .safetensors, or a timm hub folder",
+                              "ImageNet / the hub config's")
     parser.add_argument("--checkpoint-key", help="sub-dict to convert (DINO training checkpoints: teacher)")
     parser.add_argument("--heads", type=int, help="attention heads (default width // 64)")
     parser.add_argument("--norm-eps", type=float, help="LayerNorm eps (default 1e-6; timm CLIP towers 1e-5)")
     parser.add_argument("--act", choices=("gelu", "quick_gelu"), help="MLP activation (default gelu)")
-    parser.add_argument("--image-mean", type=float, nargs=3, help="default: ImageNet / the hub config's")
-    parser.add_argument("--image-std", type=float, nargs=3, help="default: ImageNet / the hub config's")
     args = parser.parse_args(argv)
 
     def convert() -> tuple[Path, str]:
