@@ -23,6 +23,9 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "pyarrow>=14",  # VMCBench parquet files
+        "gguf>=0.10",  # GGUF causal LMs -> Hugging Face folders (models/convert/gguf_llm.py)
+        "accelerate>=0.30",  # transformers' GGUF loader needs it
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
