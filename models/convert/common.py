@@ -302,3 +302,35 @@ def namer(sources: dict[str, str], inverse: Sequence[tuple[str, str]], prefix: s
         return key
 
     return name
+
+
+_ALTERNATION = re.compile(r"\{([\w,]+)\}")
+
+
+def to_source_names(state: dict[str, torch.Tensor], inverse: Sequence[tuple[str, str]], what: str
+                    ) -> dict[str, torch.Tensor]:
+    """clipdino-named tensors -> a foreign layout's names, through the same (clipdino-key regex, source template)
+    table `namer` uses for messages (first match wins): the export direction of `rename_keys`. A name with an
+    alternation (`{q,k,v}_proj`, as `fuse_qkv` records it) splits the fused tensor into that many equal parts along
+    dim 0, in order: the inverse of `fuse_qkv`. A key no rule names is an error."""
+    compiled = [(re.compile(p), r) for p, r in inverse]
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        rule = next(((p, r) for p, r in compiled if p.match(key)), None)
+        if rule is None:
+            unknown.append(key)
+            continue
+        name = rule[0].sub(rule[1], key)
+        alt = _ALTERNATION.search(name)
+        if alt is None:
+            out[name] = value
+            continue
+        parts = alt.group(1).split(",")
+        if value.shape[0] % len(parts):
+            raise ValueError(f"{key} {tuple(value.shape)} does not split into {len(parts)} equal parts ({name})")
+        for part, chunk in zip(parts, value.chunk(len(parts), dim=0)):
+            out[name[:alt.start()] + part + name[alt.end():]] = chunk
+    if unknown:
+        raise ValueError(f"no {what} name for clipdino keys: {short(unknown)}")
+    return out
