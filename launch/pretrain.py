@@ -21,9 +21,12 @@ from train.distributed import prepare_environment
 prepare_environment()  # before deepspeed is imported: CPU accelerator + gloo when there is no GPU
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML experiment file (launch/configs/pretrain/*.yaml)")
+def main(argv: list[str] | None = None, description: str = __doc__, config_cls=None, choices=None,
+         config_help: str = "YAML experiment file (launch/configs/pretrain/*.yaml)") -> int:
+    """Parse `--config FILE key=value ...`, load the typed config (config_cls: PretrainConfig by default) and
+    train; errors a user can fix are one line (exit 1 or 2)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 schedule.steps=100")
     args = parser.parse_args(argv)
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, cls=config_cls, choices=choices)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.build import build_train_loader
-from data.shards import count_samples, expand_shards
 from train import checkpoint as ckpt
 from train.config import PretrainConfig
 from train.config_loader import save_config, to_dict
@@ -28,7 +26,7 @@ from train.deepspeed_config import build_deepspeed_config, resolve_batch
 from train.distributed import barrier, init_distributed, run_on_main
 from train.metrics import MetricsLogger
 from train.mfu import peak_flops, peak_memory_bytes
-from train.objectives.registry import build_objective
+from train.objectives.registry import objective_class
 from train.optim import build_adamw, lr_at, param_groups, weight_decay_at
 
 
@@ -65,14 +63,11 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.data.generate_synthetic:
-        from data.prepare import ensure_synthetic_data
-
-        run_on_main(ensure_synthetic_data, cfg)
+    objective_cls = objective_class(cfg)  # the objective owns its data: creates, counts and loads it
+    run_on_main(objective_cls.prepare_data, cfg)
 
     # ---------------------------------------------------------------- data size, batch, schedule
-    shards = run_on_main(expand_shards, cfg.data.train)
-    samples_per_epoch = cfg.data.samples_per_epoch or run_on_main(count_samples, shards)
+    samples_per_epoch = cfg.data.samples_per_epoch or run_on_main(objective_cls.count_samples, cfg)
     micro, accum = resolve_batch(cfg.schedule.global_batch, cfg.schedule.micro_batch, dist.world)
     total_steps, warmup_steps, steps_per_epoch = resolve_steps(cfg, samples_per_epoch)
     precision = "bf16" if cfg.deepspeed.precision == "auto" and dist.device.type == "cuda" else cfg.deepspeed.precision
@@ -81,11 +76,10 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     # ---------------------------------------------------------------- model, optimizer, engine
     resume_from = ckpt.find_resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     seed_everything(cfg.seed)  # identical initial weights (and EMA teacher) on every rank
-    objective = build_objective(cfg, steps_per_epoch, total_steps)
-    if cfg.model.init_from and resume_from is None:  # a resumed run's checkpoint wins
+    objective = objective_cls(cfg, steps_per_epoch, total_steps)
+    if getattr(cfg.model, "init_from", "") and resume_from is None:  # a resumed run's checkpoint wins
         objective.init_vision_from(cfg.model.init_from)
-    if cfg.model.vision.grad_checkpointing:
-        objective.student.set_grad_checkpointing(True)
+    objective.configure_grad_checkpointing()
     objective.to(dist.device)
     groups = param_groups(objective.student, cfg.optim.weight_decay, objective.no_weight_decay_names(),
                           objective.group_of)
@@ -95,8 +89,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                                                    dist_init_required=False)
     seed_everything(cfg.seed * 1000 + dist.rank + 1)  # per-rank stream (drop path, ...)
 
-    loader = build_train_loader(cfg, shards, objective.data_processor(), micro, dist.rank, dist.world,
-                                dist.device.type)
+    loader = objective.build_loader(micro, accum, dist.rank, dist.world, dist.device.type)
 
     # ---------------------------------------------------------------- resume
     start_step, samples_seen, nonfinite_total = 0, 0, 0
@@ -129,10 +122,12 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         watcher = watch_from_config(cfg, run_dir, logger.write, start=dist.is_main)  # checks on every rank
     flops_per_sample = objective.flops_per_sample()
     peak, peak_source = peak_flops(dist.device, precision, cfg.logging.peak_flops)
+    trainable = sum(p.numel() for p in objective.student.parameters() if p.requires_grad)
     logger.write(f"[clipdino] {cfg.objective.name}: {sum(p.numel() for p in objective.student.parameters()) / 1e6:.2f}M "
-                 f"student params, {dist.world} rank(s) on {dist.device.type}, {precision}, global batch "
+                 f"student params ({trainable / 1e6:.2f}M trained), {dist.world} rank(s) on {dist.device.type}, {precision}, global batch "
                  f"{cfg.schedule.global_batch} = {micro} x {dist.world} x {accum}, {total_steps} steps "
-                 f"({steps_per_epoch}/epoch), {flops_per_sample / 1e9:.2f} GFLOP/sample, peak {peak / 1e12:.3f} "
+                 f"({steps_per_epoch}/epoch), "
+                 + (f"{flops_per_sample / 1e9:.2f} GFLOP/sample, " if flops_per_sample else "") + f"peak {peak / 1e12:.3f} "
                  f"TFLOP/s/device ({peak_source})" + (f", resumed from {resume_from}" if resume_from else ""))
 
     def save(step: int) -> None:
@@ -142,14 +137,10 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         folder = ckpt.save_checkpoint(engine, run_dir / "checkpoints", step, dist.rank, client, rank_state,
                                       cfg.checkpoint.keep)
         if cfg.checkpoint.export:
-            from models.export import save_export
-
-            module, kind, export_cfg = objective.export()
             meta = {"step": step, "samples_seen": samples_seen, "objective": cfg.objective.name,
                     "run_dir": str(run_dir), "checkpoint": str(folder)}
-            with _whole_parameters(module, cfg.deepspeed.zero_stage):  # collective under ZeRO-3
-                if dist.is_main:
-                    save_export(run_dir / "export" / ckpt.tag_for(step), module, kind, export_cfg, meta)
+            objective.write_export(engine, run_dir / "export" / ckpt.tag_for(step), meta, cfg.deepspeed.zero_stage,
+                                   dist.is_main)  # collective under ZeRO-3
         barrier()
 
     # ---------------------------------------------------------------- loop
@@ -210,7 +201,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             done = step + 1
             if done % cfg.logging.every == 0 or done == total_steps:
                 row = _metrics_row(done, terms_sum, accum, lr, wd, step_time, data_wait, cfg.schedule.global_batch,
-                                   flops_per_sample, peak, dist, samples_seen, after, not finite_step, nonfinite_total)
+                                   objective, peak, dist, samples_seen, after, not finite_step, nonfinite_total)
                 row["data/skipped"] = sum(loader.skipped.values())
                 logger.log(row)
             stopping = done == cfg.schedule.stop_after and done < total_steps
@@ -237,15 +228,6 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
             "nonfinite_total": nonfinite_total, "data_skipped": dict(loader.skipped)}
 
 
-def _whole_parameters(module: torch.nn.Module, zero_stage: int):
-    """ZeRO-3 partitions parameters across ranks: gather them (on every rank) to read whole weights."""
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
 def _all_ranks_finite(loss: torch.Tensor) -> bool:
     flag = torch.isfinite(loss.detach()).float().reshape(1)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -257,8 +239,9 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
     return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
 
 
-def _metrics_row(step, terms_sum, accum, lr, wd, step_time, data_wait, global_batch, flops_per_sample, peak, dist,
+def _metrics_row(step, terms_sum, accum, lr, wd, step_time, data_wait, global_batch, objective, peak, dist,
                  samples_seen, after, skipped, nonfinite_total) -> dict[str, Any]:
+    """Loss terms: the mean over micro-batches and ranks; "count/..." terms: the sum (tokens of the step)."""
     keys = sorted(terms_sum)
     values = torch.stack([(terms_sum[k] / accum).detach().float().to(dist.device) for k in keys])  # (terms,)
     if torch.distributed.is_initialized() and dist.world > 1:
@@ -266,9 +249,14 @@ def _metrics_row(step, terms_sum, accum, lr, wd, step_time, data_wait, global_ba
         values = values / dist.world
     values = values.cpu()  # the one host sync of the row
     row: dict[str, Any] = {"step": step}
-    row.update({k: float(v) for k, v in zip(keys, values)})
+    row.update({k: float(v) * (accum * dist.world if k.startswith("count/") else 1) for k, v in zip(keys, values)})
+    counts = {k: v for k, v in row.items() if k.startswith("count/")}
     samples_per_s = global_batch / step_time
-    achieved = flops_per_sample * samples_per_s / dist.world  # per device
+    achieved = objective.flops_per_step(counts, global_batch) / step_time / dist.world  # per device
+    if "count/input_tokens" in counts:
+        row["tokens_per_s"] = counts["count/input_tokens"] / step_time
+    if "count/tokens" in counts:
+        row["supervised_tokens_per_s"] = counts["count/tokens"] / step_time
     row.update({"lr": lr, "weight_decay": wd, "samples_per_s": samples_per_s, "step_time_s": step_time,
                 "data_wait_s": data_wait, "flops_per_s_per_device": achieved,
                 "mfu": achieved / peak if peak else None, "peak_mem_bytes": peak_memory_bytes(dist.device),

@@ -50,6 +50,55 @@ class Objective(ABC):
     def vision_tower(self) -> nn.Module:
         """The student's VisionTransformer (what `model.init_from` initialises)."""
 
+    # ------------------------------------------------------------------ data: the objective owns it
+    @classmethod
+    def prepare_data(cls, cfg) -> None:
+        """Rank 0, before anything else: create the embedded default's data if asked and missing."""
+        if cfg.data.generate_synthetic:
+            from data.prepare import ensure_synthetic_data
+
+            ensure_synthetic_data(cfg)
+
+    @classmethod
+    def count_samples(cls, cfg) -> int:
+        """Rank 0: samples in one epoch (when data.samples_per_epoch is not set)."""
+        from data.shards import count_samples, expand_shards
+
+        return count_samples(expand_shards(cfg.data.train))
+
+    def build_loader(self, micro: int, accum: int, rank: int, world: int, device_type: str):
+        """This rank's endless batch stream with state_dict / load_state_dict / skipped (collective)."""
+        from data.build import build_train_loader
+        from data.shards import expand_shards
+        from train.distributed import run_on_main
+
+        shards = run_on_main(expand_shards, self.cfg.data.train)
+        return build_train_loader(self.cfg, shards, self.data_processor(), micro, rank, world, device_type)
+
+    def configure_grad_checkpointing(self) -> None:
+        if self.cfg.model.vision.grad_checkpointing:
+            self.student.set_grad_checkpointing(True)
+
+    def flops_per_step(self, counts: dict[str, float], global_batch: int) -> float:
+        """Training FLOPs of one optimizer step; `counts` holds the step's summed "count/..." terms."""
+        return self.flops_per_sample() * global_batch
+
+    def write_export(self, engine, out_dir, meta: dict[str, Any], zero_stage: int, is_main: bool) -> None:
+        """Write export/step_NNNNNNN/ (every rank calls this: gathering ZeRO-3 weights is collective)."""
+        import contextlib
+
+        from models.export import save_export
+
+        module, kind, export_cfg = self.export()
+        gather = contextlib.nullcontext()
+        if zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        with gather:
+            if is_main:
+                save_export(out_dir, module, kind, export_cfg, meta)
+
     def init_vision_from(self, export_dir: str) -> None:
         from models.convert.init_from import init_vision_from_export
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 from train.objectives.base import Objective
 
 
-def build_objective(cfg, steps_per_epoch: int, total_steps: int) -> Objective:
-    from train.objectives.contrastive import ContrastiveObjective
-    from train.objectives.dino import DinoObjective
-    from train.objectives.hybrid import HybridObjective
-
+def objective_class(cfg) -> type[Objective]:
     name = cfg.objective.name
     if name in ("clip", "siglip", "clip_frozen_text"):
-        return ContrastiveObjective(cfg, steps_per_epoch, total_steps)
-    if name == "dino":
-        return DinoObjective(cfg, steps_per_epoch, total_steps)
-    if name == "hybrid":
-        return HybridObjective(cfg, steps_per_epoch, total_steps)
-    raise ValueError(f"unknown objective {name!r}")
+        from train.objectives.contrastive import ContrastiveObjective as cls
+    elif name == "dino":
+        from train.objectives.dino import DinoObjective as cls
+    elif name == "hybrid":
+        from train.objectives.hybrid import HybridObjective as cls
+    elif name == "vlm":
+        from train.objectives.vlm import VLMObjective as cls
+    else:
+        raise ValueError(f"unknown objective {name!r}")
+    return cls
+
+
+def build_objective(cfg, steps_per_epoch: int, total_steps: int) -> Objective:
+    return objective_class(cfg)(cfg, steps_per_epoch, total_steps)

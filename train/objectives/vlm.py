@@ -1,0 +1,209 @@
+"""The LLaVA-1.5 stage as one more objective of the one trainer: encoder -> projector -> causal LM.
+
+The student is `LlavaTrainingStep`, a thin module around a stock transformers `LlavaForConditionalGeneration`
+(models/vlm.py), so DeepSpeed (ZeRO-2 for stage 1, ZeRO-3 for stage 2) wraps it like any student, and the
+export is the Llava model's own `save_pretrained` folder. Stage 1 and stage 2 differ only in config: what trains
+(`model.train`), the template, the ZeRO stage and the numbers.
+
+The forward is Llava's, with two things it leaves to the caller done here: labels at image positions are
+masked (data/conversation.py gives -100 there), and text-only samples carry a zero image whose features are
+not spliced in (LLaVA's way: the tower and projector then run in every step on every rank, which ZeRO-3's
+parameter gathering needs). The loss is the mean cross-entropy over the micro-batch's supervised tokens, as
+LLaVA's HF Trainer computes it; "count/..." terms are summed over micro-batches and ranks for tokens/s and MFU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.vlm_data import IGNORE_INDEX, VLMBatch
+from train.objectives.base import Objective
+from train.vlm_config import trainable_parts
+
+
+class LlavaTrainingStep(nn.Module):
+    """(batch tensors) -> (loss, supervised tokens). Calls the Llava model's own submodules."""
+
+    def __init__(self, llava: nn.Module):
+        super().__init__()
+        self.llava = llava
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                pixel_values: torch.Tensor, has_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model, config = self.llava.model, self.llava.config
+        features = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
+                                            vision_feature_select_strategy=config.vision_feature_select_strategy)
+        features = torch.stack(list(features.pooler_output))  # (B, N, D): every image, dummies included
+        embeds = model.get_input_embeddings()(input_ids)  # (B, T, D)
+        image_positions = input_ids == config.image_token_id  # (B, T)
+        real = features[has_image]  # (B_img, N, D)
+        if int(image_positions.sum()) != real.shape[0] * real.shape[1]:
+            raise ValueError(f"{int(image_positions.sum())} image tokens for {real.shape[0]} images of "
+                             f"{real.shape[1]} features: the batch and the model's image_seq_length disagree")
+        embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), real.to(embeds.dtype))
+        hidden = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = self.llava.lm_head(hidden[:, :-1])  # (B, T-1, V): position t predicts token t+1
+        targets = labels[:, 1:]  # (B, T-1)
+        supervised = (targets != IGNORE_INDEX).sum()
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum") / supervised.clamp(min=1)
+        dummies = features[~has_image]
+        if dummies.numel():  # in the graph with weight 0: every rank runs (and reduces) the same parameters
+            loss = loss + 0.0 * dummies.sum()
+        return loss, supervised
+
+
+class VLMObjective(Objective):
+    name = "vlm"
+
+    def __init__(self, cfg, steps_per_epoch: int, total_steps: int):
+        super().__init__(cfg, steps_per_epoch, total_steps)
+        from data.conversation import get_template
+        from models.vlm import build_llava, describe, load_projector, set_trainable
+
+        m = cfg.model
+        if not m.vision:
+            raise ValueError("set model.vision (an encoder export folder: ours, or one from models.convert)")
+        self.parts = trainable_parts(m.train)
+        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+        self.llava, self.processor = build_llava(m.vision, m.llm, projector=m.projector, vision_layer=m.vision_layer,
+                                                 template=cfg.data.template, system_prompt=cfg.data.system_prompt,
+                                                 dtype=dtype, seed=cfg.seed)
+        self.template = get_template(cfg.data.template, cfg.data.system_prompt)
+        self.projector_source = load_projector(self.llava, m.projector_from) if m.projector_from else ""
+        set_trainable(self.llava, self.parts)
+        self.student = LlavaTrainingStep(self.llava)
+        self.sizes = describe(self.llava)
+        self._mean_tokens = None
+
+    # ------------------------------------------------------------------ data (the objective owns it)
+    @classmethod
+    def prepare_data(cls, cfg) -> None:
+        d = cfg.data
+        if d.generate_synthetic and not Path(d.train).exists():
+            from data.vlm_synthetic import ensure_vlm_data
+
+            ensure_vlm_data(d.synthetic_dir, stage1_samples=d.synthetic_stage1, stage2_samples=d.synthetic_stage2,
+                            image_size=d.synthetic_image_size)
+            if not Path(d.train).exists():
+                raise ValueError(f"generated the synthetic instruction data in {d.synthetic_dir} but data.train="
+                                 f"{d.train!r} is not in it")
+
+    @classmethod
+    def count_samples(cls, cfg) -> int:
+        from data.vlm_data import read_records
+
+        return len(read_records(cfg.data.train, cfg.data.image_folder)[0])
+
+    def build_loader(self, micro: int, accum: int, rank: int, world: int, device_type: str):
+        from data.vlm_data import ConversationDataset, modality_lengths, read_records
+        from data.vlm_loader import VLMLoader
+
+        d = self.cfg.data
+        records, root = read_records(d.train, d.image_folder)
+        dataset = ConversationDataset(records, root, self.processor, self.template,
+                                      self.llava.config.image_seq_length, d.max_length)
+        return VLMLoader(dataset, modality_lengths(records), micro, world, accum, rank, self.cfg.seed, d.workers,
+                         d.group_by_modality_length, self.processor.tokenizer.pad_token_id, d.max_skipped)
+
+    def data_processor(self):
+        return self.processor
+
+    # ------------------------------------------------------------------ step
+    def compute_loss(self, student: Callable, batch: VLMBatch, step: int) -> dict[str, torch.Tensor]:
+        loss, supervised = student(batch.input_ids, batch.attention_mask, batch.labels, batch.pixel_values,
+                                   batch.has_image)
+        lengths = batch.attention_mask.sum(1).float()  # (B,)
+        return {"loss": loss, "count/tokens": supervised.float(), "count/input_tokens": lengths.sum(),
+                "count/token_sq": (lengths * lengths).sum(),
+                "count/samples": torch.tensor(float(len(batch)), device=lengths.device)}
+
+    def configure_grad_checkpointing(self) -> None:
+        if self.cfg.model.grad_checkpointing:
+            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            self.llava.model.language_model.gradient_checkpointing_enable(**kwargs)
+            if "vision" in self.parts:
+                self.llava.model.vision_tower.gradient_checkpointing_enable(**kwargs)
+
+    def group_of(self, param_name: str) -> str:
+        return "vision" if ".vision_tower." in param_name else ""
+
+    def lr_scale(self, group_name: str, step: int) -> float:
+        vision_lr = self.cfg.model.vision_lr
+        if group_name.startswith("vision") and vision_lr is not None:
+            return vision_lr / self.cfg.optim.lr
+        return 1.0
+
+    def no_weight_decay_names(self) -> set[str]:
+        return set()
+
+    def vision_tower(self) -> nn.Module:
+        return self.llava.model.vision_tower
+
+    def init_vision_from(self, export_dir: str) -> None:
+        raise ValueError("the VLM's tower comes from model.vision; model.init_from does not apply")
+
+    # ------------------------------------------------------------------ FLOPs
+    def flops_per_step(self, counts: dict[str, float], global_batch: int) -> float:
+        """Matmul FLOPs of one optimizer step from its token counts (forward x1, + x1 for the activation
+        gradients of anything upstream of a trained part, + x1 for weight gradients of trained parts)."""
+        c, v = self.llava.config.text_config, self.llava.config.vision_config
+        tokens, token_sq, images = counts["count/input_tokens"], counts["count/token_sq"], counts["count/samples"]
+        body = self.sizes["llm"] - c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+        llm_fwd = 2 * tokens * (body + c.vocab_size * c.hidden_size) + 2 * c.num_hidden_layers * c.hidden_size * token_sq
+        llm_mult = 3 if "llm" in self.parts else 2  # frozen LLM: forward + activation gradients for the projector
+        grid = self.llava.config.image_seq_length
+        seq = grid + 1
+        tower_fwd = images * (2 * seq * self.sizes["vision"] + 4 * v.num_hidden_layers * v.hidden_size * seq * seq)
+        projector_fwd = images * grid * 2 * self.sizes["projector"]
+        return llm_mult * llm_fwd + (3 if "vision" in self.parts else 1) * tower_fwd + 3 * projector_fwd
+
+    def flops_per_sample(self) -> float:
+        return 0.0  # variable length: the metrics row uses flops_per_step
+
+    # ------------------------------------------------------------------ export
+    def write_export(self, engine, out_dir: Path, meta: dict[str, Any], zero_stage: int, is_main: bool) -> None:
+        """`save_pretrained` of the Llava model + processor (tokenizer with its chat template); ZeRO-3 shards are
+        gathered parameter by parameter to rank 0 (a collective: every rank calls this)."""
+        state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+        if not is_main:
+            return
+        if state is not None:
+            state = {k.removeprefix("llava."): v for k, v in state.items()}
+        else:
+            state = {k: v.detach().cpu() for k, v in self.llava.state_dict().items()}
+        bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"refusing to export non-finite weights ({bad[0]} and {len(bad) - 1} more)")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            self.llava.save_pretrained(tmp, state_dict=state)
+            tokenizer = self.processor.tokenizer
+            side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
+            try:
+                self.processor.save_pretrained(tmp)
+            finally:
+                tokenizer.padding_side = side
+            (tmp / "clipdino_vlm.json").write_text(json.dumps({**meta, "template": self.template.name,
+                                                               "vision": self.cfg.model.vision,
+                                                               "llm": self.cfg.model.llm,
+                                                               "projector_from": self.projector_source}, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def export(self):
+        raise NotImplementedError("the VLM writes a transformers folder (write_export)")
+
