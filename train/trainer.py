@@ -84,6 +84,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     groups = param_groups(objective.student, cfg.optim.weight_decay, objective.no_weight_decay_names(),
                           objective.group_of)
     optimizer = build_adamw(groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps)
+    n_params = sum(p.numel() for p in objective.student.parameters())  # before ZeRO-3 partitions them
+    n_trained = sum(p.numel() for g in groups for p in g["params"])
     ds_config = build_deepspeed_config(cfg, micro, accum, dist.world, objective)
     engine, optimizer, _, _ = deepspeed.initialize(model=objective.student, optimizer=optimizer, config=ds_config,
                                                    dist_init_required=False)
@@ -122,9 +124,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         watcher = watch_from_config(cfg, run_dir, logger.write, start=dist.is_main)  # checks on every rank
     flops_per_sample = objective.flops_per_sample()
     peak, peak_source = peak_flops(dist.device, precision, cfg.logging.peak_flops)
-    trainable = sum(p.numel() for p in objective.student.parameters() if p.requires_grad)
-    logger.write(f"[clipdino] {cfg.objective.name}: {sum(p.numel() for p in objective.student.parameters()) / 1e6:.2f}M "
-                 f"student params ({trainable / 1e6:.2f}M trained), {dist.world} rank(s) on {dist.device.type}, {precision}, global batch "
+    logger.write(f"[clipdino] {cfg.objective.name}: {n_params / 1e6:.2f}M student params ({n_trained / 1e6:.2f}M trained), "
+                 f"{dist.world} rank(s) on {dist.device.type}, {precision}, global batch "
                  f"{cfg.schedule.global_batch} = {micro} x {dist.world} x {accum}, {total_steps} steps "
                  f"({steps_per_epoch}/epoch), "
                  + (f"{flops_per_sample / 1e9:.2f} GFLOP/sample, " if flops_per_sample else "") + f"peak {peak / 1e12:.3f} "
