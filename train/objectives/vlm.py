@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from data.vlm_data import IGNORE_INDEX, VLMBatch
 from train.objectives.base import Objective
+from models.vlm import vlm_step_flops
 from train.vlm_config import trainable_parts
 
 
@@ -153,18 +154,7 @@ class VLMObjective(Objective):
 
     # ------------------------------------------------------------------ FLOPs
     def flops_per_step(self, counts: dict[str, float], global_batch: int) -> float:
-        """Matmul FLOPs of one optimizer step from its token counts (forward x1, + x1 for the activation
-        gradients of anything upstream of a trained part, + x1 for weight gradients of trained parts)."""
-        c, v = self.llava.config.text_config, self.llava.config.vision_config
-        tokens, token_sq, images = counts["count/input_tokens"], counts["count/token_sq"], counts["count/samples"]
-        body = self.sizes["llm"] - c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-        llm_fwd = 2 * tokens * (body + c.vocab_size * c.hidden_size) + 2 * c.num_hidden_layers * c.hidden_size * token_sq
-        llm_mult = 3 if "llm" in self.parts else 2  # frozen LLM: forward + activation gradients for the projector
-        grid = self.llava.config.image_seq_length
-        seq = grid + 1
-        tower_fwd = images * (2 * seq * self.sizes["vision"] + 4 * v.num_hidden_layers * v.hidden_size * seq * seq)
-        projector_fwd = images * grid * 2 * self.sizes["projector"]
-        return llm_mult * llm_fwd + (3 if "vision" in self.parts else 1) * tower_fwd + 3 * projector_fwd
+        return vlm_step_flops(self.llava.config, self.sizes, self.parts, counts)
 
     def flops_per_sample(self) -> float:
         return 0.0  # variable length: the metrics row uses flops_per_step

@@ -1,0 +1,106 @@
+"""The VLM export is a stock transformers Llava folder: a fresh process that imports no clipdino module loads it
+with from_pretrained + AutoProcessor and reproduces the training model's logits, prompt tokens and greedy answer."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from vlm_fixtures import make_encoder_export, make_llava_data
+
+FRESH = r'''
+import json, sys, torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+folder, image, question = sys.argv[1:4]
+model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+processor = AutoProcessor.from_pretrained(folder)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits[0, -1]
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("models", "train", "data", "eval", "kernels", "launch"))
+print(json.dumps({"prompt": prompt, "input_ids": inputs["input_ids"][0].tolist(), "logits": logits.tolist(),
+                  "generated": generated.tolist(), "pixel_values": inputs["pixel_values"].flatten().tolist(),
+                  "clipdino_modules": ours}))
+'''
+
+
+def _objective(tmp_path, llm: str, template: str, encoder):
+    from train.config_loader import load_config
+    from train.objectives.vlm import VLMObjective
+    from train.vlm_config import VLM_CHOICES, VLMConfig
+
+    data = make_llava_data(tmp_path / "data", records=4, text_only=0)
+    cfg = load_config(REPO / "launch/configs/vlm/tiny_stage2.yaml",
+                      [f"model.vision={encoder}", f"model.llm={llm}", f"data.template={template}",
+                       f"data.train={data['stage2']}", "model.projector_from="], cls=VLMConfig, choices=VLM_CHOICES)
+    return VLMObjective(cfg, 1, 1), data
+
+
+@pytest.mark.parametrize("llm,template", [("tiny-llama", "vicuna_v1"), ("tiny-qwen2", "chatml")])
+def test_export_loads_in_a_fresh_process_and_matches(tmp_path, llm, template):
+    encoder = make_encoder_export(tmp_path / "encoder")
+    objective, data = _objective(tmp_path, llm, template, encoder)
+    with torch.no_grad():  # a trained-looking projector, so the comparison is not between two near-zero maps
+        for p in objective.llava.model.multi_modal_projector.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    export = tmp_path / "export" / "step_0000001"
+    objective.write_export(None, export, {"step": 1}, zero_stage=0, is_main=True)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in export.iterdir()}
+    config = json.loads((export / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "clip_vision_model"
+    image, question = data["images"] / "00000.png", "What colour is the shape?"
+    out = subprocess.run([sys.executable, "-c", FRESH, str(export), str(image), question], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    fresh = json.loads(out.stdout.strip().splitlines()[-1])
+    assert fresh["clipdino_modules"] == []
+
+    # the prompt tokens a stock processor makes = the prefix our training tokenisation makes (image tokens expanded)
+    from data.conversation import tokenize_conversation
+
+    sample = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "red"}]
+    ours = tokenize_conversation(objective.template, sample, objective.processor.tokenizer, sample_id="t",
+                                 num_images=1, image_seq_length=objective.llava.config.image_seq_length,
+                                 max_length=512)["input_ids"].tolist()
+    assert ours[: len(fresh["input_ids"])] == fresh["input_ids"]
+
+    # the training model's logits and greedy answer, on the same inputs
+    ids = torch.tensor([fresh["input_ids"]])
+    pixels = torch.tensor(fresh["pixel_values"]).reshape(1, 3, 32, 32)
+    ours_pixels = objective.processor.image_processor(Image.open(image), return_tensors="pt")["pixel_values"]
+    assert torch.allclose(ours_pixels, pixels, atol=1e-6)
+    model = objective.llava.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits[0, -1]
+        generated = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                                   max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert torch.allclose(logits, torch.tensor(fresh["logits"]), atol=1e-5, rtol=1e-5)
+    assert generated.tolist() == fresh["generated"]
+
+
+def test_a_vit_without_ln_pre_maps_onto_a_native_tower_and_registers_are_refused(tmp_path):
+    from models.vlm import build_llava
+
+    model, _ = build_llava(str(make_encoder_export(tmp_path / "vit", pre_norm=False)), "tiny-llama")
+    assert model.config.vision_config.model_type == "vit"
+    with pytest.raises(ValueError, match="num_registers"):
+        build_llava(str(make_encoder_export(tmp_path / "reg", pre_norm=False, num_registers=2)), "tiny-llama")
+
+
+def test_the_linear_projector_is_one_trainable_linear(tmp_path):
+    from models.vlm import build_llava, set_trainable
+
+    model, _ = build_llava(str(make_encoder_export(tmp_path / "enc")), "tiny-llama", projector="linear")
+    set_trainable(model, {"projector"})
+    projector = model.model.multi_modal_projector
+    assert [n for n, p in projector.named_parameters() if p.requires_grad] == ["linear_1.weight", "linear_1.bias"]
+    x = torch.randn(2, 5, projector.linear_1.in_features)
+    assert torch.allclose(projector(x), projector.linear_1(x), atol=1e-6)
