@@ -104,3 +104,37 @@ def test_the_linear_projector_is_one_trainable_linear(tmp_path):
     assert [n for n, p in projector.named_parameters() if p.requires_grad] == ["linear_1.weight", "linear_1.bias"]
     x = torch.randn(2, 5, projector.linear_1.in_features)
     assert torch.allclose(projector(x), projector.linear_1(x), atol=1e-6)
+
+
+def test_training_step_equals_llavas_own_forward_and_ignores_text_only_images(tmp_path):
+    """Our step's loss = Llava's forward with labels on an all-image batch; a text-only sample's zero image changes
+    nothing but keeps the tower and projector in the graph (weight 0)."""
+    from data.conversation import get_template, tokenize_conversation
+    from data.vlm_data import collate
+    from models.vlm import build_llava
+    from train.objectives.vlm import LlavaTrainingStep
+
+    model, processor = build_llava(str(make_encoder_export(tmp_path / "enc")), "tiny-qwen2", template="chatml")
+    template, n = get_template("chatml"), model.config.image_seq_length
+    image = processor.image_processor(Image.new("RGB", (40, 30), (200, 10, 10)), return_tensors="pt")["pixel_values"][0]
+
+    def item(conv, has_image):
+        tok = tokenize_conversation(template, conv, processor.tokenizer, sample_id="t", num_images=int(has_image),
+                                    image_seq_length=n, max_length=512)
+        return {"id": "t", **tok, "pixel_values": image if has_image else torch.zeros_like(image),
+                "has_image": has_image}
+
+    with_image = item([{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}], True)
+    text_only = item([{"from": "human", "value": "Two plus two?"}, {"from": "gpt", "value": "4"}], False)
+    step = LlavaTrainingStep(model)
+    b = collate([with_image], processor.tokenizer.pad_token_id)
+    loss, supervised = step(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], b["has_image"])
+    reference = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"],
+                      labels=b["labels"]).loss
+    assert torch.allclose(loss, reference, atol=1e-6) and supervised == (b["labels"] != -100).sum()
+    mixed = collate([with_image, text_only], processor.tokenizer.pad_token_id)
+    loss, _ = step(mixed["input_ids"], mixed["attention_mask"], mixed["labels"], mixed["pixel_values"],
+                   mixed["has_image"])
+    loss.backward()
+    assert all(p.grad is not None for p in model.model.multi_modal_projector.parameters())
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is not None  # layers up to -2 ran
