@@ -7,6 +7,10 @@
 - An export counts when `export/step_NNNNNNN/` (exact name: the trainer's temp folders `.step_*.tmp-*` never
   match) holds a clipdino `config.json` and a `model.safetensors` whose size matches its own header, so a
   folder still being copied is skipped and picked up on a later poll.
+- A VLM run (`kind="vlm"`: the run config sets `model.llm`) exports Hugging Face LLaVA folders (`config.json`
+  with `model_type: llava`, complete safetensors, tokenizer and processor configs); each is scored on VMCBench
+  (`launch/eval_vmcbench.py`, arguments from the run's `eval` section: `vlm_eval_args`) instead of the encoder
+  tasks. Everything else (ledger, retries, stop signals, reports) is the same.
 - Each export is evaluated in its own process (`launch/eval.py`), so a crash, an OOM or a hang (with
   `eval_timeout`) of one evaluation costs that export only; the watcher records it and goes on.
 - `RUN_DIR/evals.jsonl` is the ledger: one row per evaluated export (ok or failed), appended after the
@@ -36,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXPORT_NAME = re.compile(r"^step_(\d{7,})$")
 LEDGER, REPORT, PLOT, LOCK, STOP = "evals.jsonl", "evals.md", "evals.png", ".evals.lock", ".evals.stop"
 EXPORT_FORMAT = "clipdino-export"  # models.export.FORMAT, not imported: the long-lived watcher stays free of torch
+ENCODER, VLM = "encoder", "vlm"  # what a run exports: clipdino encoders (eval.py tasks) or HF LLaVA (VMCBench)
+VLM_EVAL_DEFAULTS = {"split": "dev", "limit": None, "max_new_tokens": 16, "batch_size": 8}  # the run's eval.*
 
 
 class WatcherBusy(RuntimeError):
@@ -65,14 +71,37 @@ def export_complete(folder: Path) -> bool:
     return config.get("format") == EXPORT_FORMAT and safetensors_complete(folder / "model.safetensors")
 
 
-def complete_exports(run_dir: Path, skip: frozenset[str] | set[str] = frozenset()) -> list[tuple[int, Path]]:
+def llava_export_complete(folder: Path) -> bool:
+    """A Hugging Face LLaVA folder with all its weights (one file or every shard of the index) and processor."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        index = folder / "model.safetensors.index.json"
+        shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+    has_processor = (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
+    return (config.get("model_type") == "llava" and has_processor and (folder / "tokenizer_config.json").is_file()
+            and all(safetensors_complete(folder / name) for name in shards))
+
+
+def complete_exports(run_dir: Path, skip: frozenset[str] | set[str] = frozenset(), kind: str = ENCODER
+                     ) -> list[tuple[int, Path]]:
     """(step, folder) of the run's complete exports, by step; names in `skip` are not even checked."""
     folder = run_dir / "export"
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir()
              if p.name not in skip and (m := EXPORT_NAME.match(p.name)) and p.is_dir()]
-    return sorted((step, p) for step, p in found if export_complete(p))
+    complete = llava_export_complete if kind == VLM else export_complete
+    return sorted((step, p) for step, p in found if complete(p))
+
+
+def vlm_eval_args(eval_section: dict[str, Any]) -> list[str]:
+    """launch/eval_vmcbench.py arguments from a VLM run's `eval` section (split, limit, max_new_tokens, batch_size)."""
+    values = {**VLM_EVAL_DEFAULTS, **{k: eval_section[k] for k in VLM_EVAL_DEFAULTS if eval_section.get(k) is not None}}
+    args = ["--split", str(values["split"]), "--max-new-tokens", str(values["max_new_tokens"]),
+            "--batch-size", str(values["batch_size"])]
+    return args + (["--limit", str(values["limit"])] if values["limit"] is not None else [])
 
 
 def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
@@ -112,9 +141,11 @@ def forget_evaluations(run_dir: str | os.PathLike, exports: Sequence[str]) -> No
 class Watcher:
     def __init__(self, run_dir: str | os.PathLike, tasks: str, data: str, interval: float = 30.0,
                  eval_args: Sequence[str] = (), eval_timeout: Optional[float] = None, retry_failed: bool = False,
-                 log: Callable[[str], None] = lambda m: print(m, flush=True)):
+                 log: Callable[[str], None] = lambda m: print(m, flush=True), kind: str = ENCODER):
+        if kind not in (ENCODER, VLM):
+            raise ValueError(f"unknown export kind {kind!r} ({ENCODER} | {VLM})")
         # absolute paths: the evaluations must find them whatever the working directory
-        self.run_dir, self.tasks = Path(run_dir).resolve(), tasks
+        self.run_dir, self.tasks, self.kind = Path(run_dir).resolve(), tasks, kind
         self.data = str(Path(data).resolve()) if data else data
         self.interval, self.eval_args, self.eval_timeout = interval, list(eval_args), eval_timeout
         self.retry_failed, self.log = retry_failed, log
@@ -129,15 +160,19 @@ class Watcher:
     def pending(self) -> list[tuple[int, Path]]:
         done = {r["export"] for r in read_ledger(self.run_dir)
                 if r.get("status") == "ok" or not self.retry_failed} | self.attempted
-        return complete_exports(self.run_dir, skip=done)  # evaluated exports never change: not re-read each poll
+        return complete_exports(self.run_dir, skip=done, kind=self.kind)  # evaluated exports never change
 
     def evaluate(self, step: int, export: Path) -> Optional[dict[str, Any]]:
         """The ledger row of one evaluation; None when the watcher was stopping and the evaluation was killed."""
         out = self.run_dir / "evals" / export.name
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").unlink(missing_ok=True)  # a stale file from an interrupted attempt must not count
-        cmd = [sys.executable, str(REPO / "launch" / "eval.py"), "--checkpoint", str(export), "--data", self.data,
-               "--out", str(out), "--tasks", self.tasks, "--no-cache", "--no-progress", *self.eval_args]
+        if self.kind == VLM:
+            cmd = [sys.executable, str(REPO / "launch" / "eval_vmcbench.py"), "--model", str(export), "--data",
+                   self.data, "--out", str(out), "--no-progress", *self.eval_args]
+        else:
+            cmd = [sys.executable, str(REPO / "launch" / "eval.py"), "--checkpoint", str(export), "--data", self.data,
+                   "--out", str(out), "--tasks", self.tasks, "--no-cache", "--no-progress", *self.eval_args]
         self.log(f"[watch] evaluating {export} -> {out}")
         start = time.perf_counter()
         row: dict[str, Any] = {"step": step, "export": export.name, "out": str(out.relative_to(self.run_dir))}
@@ -350,16 +385,23 @@ def default_eval_data(run_dir: Path, eval_data: str = "", train_pattern: str = "
 def watch_from_config(cfg: Any, run_dir: str | os.PathLike, log: Callable[[str], None] = print, start: bool = True
                       ) -> Optional[WatcherProcess]:
     """The trainer's `eval.watch=true` hook: check eval.tasks / eval.data (raises ValueError, on every rank, so
-    no rank is left waiting), and with `start` (rank 0) start a watcher for this run."""
-    from eval.tasks import parse_tasks
+    no rank is left waiting), and with `start` (rank 0) start a watcher for this run. A VLM run (`model.llm`
+    set) is scored on VMCBench: eval.data is the dataset; the watcher reads split / limit / ... from config.yaml."""
+    vlm = bool(getattr(cfg.model, "llm", None))
+    if vlm:
+        data = cfg.eval.data
+        if not data or not Path(data).exists():
+            raise ValueError(f"eval.data={data!r}: a VLM run is evaluated on VMCBench; set eval.data to its folder")
+    else:
+        from eval.tasks import parse_tasks
 
-    parse_tasks(cfg.eval.tasks)
-    data = default_eval_data(Path(run_dir), cfg.eval.data, cfg.data.train)
-    if not Path(data).is_dir():
-        raise ValueError(f"eval.data={data!r} is not a folder")
+        parse_tasks(cfg.eval.tasks)
+        data = default_eval_data(Path(run_dir), cfg.eval.data, cfg.data.train)
+        if not Path(data).is_dir():
+            raise ValueError(f"eval.data={data!r} is not a folder")
     if not start:
         return None
     import torch
 
-    extra = [] if torch.cuda.is_available() else ["--threads", "1", "--workers", "1"]  # leave the CPU to training
-    return start_watcher(run_dir, cfg.eval.tasks, data, extra, log)
+    extra = [] if torch.cuda.is_available() else ["--threads", "1"] + ([] if vlm else ["--workers", "1"])
+    return start_watcher(run_dir, "vmcbench" if vlm else cfg.eval.tasks, data, extra, log)

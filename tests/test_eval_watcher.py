@@ -174,3 +174,53 @@ def test_trainer_starts_the_watcher(tiny_world, tmp_path):
     rows = read_ledger(run)
     assert sorted(r["step"] for r in rows) == [1, 2] and all(r["status"] == "ok" for r in rows), rows
     assert (run / "evals.md").is_file()
+
+
+# ----------------------------------------------------------------------------- VLM runs: VMCBench per export
+def test_vlm_run_is_scored_on_vmcbench(tmp_path):
+    from eval.vmcbench.tiny import tiny_rows, write_tiny_llava, write_tiny_vmcbench
+    from eval.watcher import VLM
+
+    data = write_tiny_vmcbench(tmp_path / "VMCBench", tiny_rows(["MMMU", "TextVQA", "AI2D", "SEEDBench"]))
+    run = tmp_path / "run"
+    export = write_tiny_llava(run / "export" / "step_0000005")
+    (run / "config.yaml").write_text(f"model:\n  llm: tiny-qwen2\neval:\n  watch: true\n  data: {data}\n"
+                                     "  split: dev\n  limit: 3\n  max_new_tokens: 2\n  batch_size: 2\n")
+    partial = run / "export" / "step_0000009"  # a copy in progress
+    shutil.copytree(export, partial)
+    weights = (partial / "model.safetensors").read_bytes()
+    (partial / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert [s for s, _ in complete_exports(run, kind=VLM)] == [5]
+    assert complete_exports(run) == []  # not a clipdino encoder export
+
+    def cli(*args):
+        return subprocess.run([sys.executable, str(REPO / "launch" / "watch_evals.py"), str(run), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    wrong_tasks = cli("--once", "--tasks", "knn")
+    assert wrong_tasks.returncode == 2 and "VLM run" in wrong_tasks.stderr
+    ok = cli("--once", "--", "--threads", "1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    rows = read_ledger(run)
+    assert [(r["step"], r["status"]) for r in rows] == [(5, "ok")], rows
+    assert "vmcbench/overall" in rows[0]["summary"] and "vmcbench/OCR_macro" in rows[0]["summary"]
+    results = json.loads((run / "evals" / "step_0000005" / "results.json").read_text())
+    assert results["n"] == 3 and results["settings"]["max_new_tokens"] == 2 and results["settings"]["batch_size"] == 2
+    assert "| 5 | ok |" in (run / "evals.md").read_text()
+    shutil.rmtree(partial)
+    assert Watcher(run, "vmcbench", str(data), kind=VLM).run(once=True) == 0  # evaluated once, never again
+
+
+def test_vlm_watch_hook_checks_the_data(tmp_path):
+    from types import SimpleNamespace
+
+    from eval.watcher import vlm_eval_args, watch_from_config
+
+    cfg = SimpleNamespace(model=SimpleNamespace(llm="tiny-qwen2"), eval=SimpleNamespace(data="", tasks="knn"),
+                          data=SimpleNamespace(train=""))
+    with pytest.raises(ValueError, match="set eval.data to its folder"):
+        watch_from_config(cfg, tmp_path, start=False)
+    cfg.eval.data = str(tmp_path)
+    assert watch_from_config(cfg, tmp_path, start=False) is None
+    assert vlm_eval_args({"limit": 50, "batch_size": None}) == ["--split", "dev", "--max-new-tokens", "16",
+                                                                 "--batch-size", "8", "--limit", "50"]

@@ -54,6 +54,8 @@ def test_export_loads_in_a_fresh_process_and_matches(tmp_path, llm, template):
     objective.write_export(None, export, {"step": 1}, zero_stage=0, is_main=True)
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
         p.name for p in export.iterdir()}
+    assert json.loads((export / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    assert objective.processor.tokenizer.padding_side == "right"  # training keeps padding on the right
     config = json.loads((export / "config.json").read_text())
     assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "clip_vision_model"
     image, question = data["images"] / "00000.png", "What colour is the shape?"

@@ -177,12 +177,13 @@ class VLMObjective(Objective):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
             self.llava.save_pretrained(tmp, state_dict=state)
-            tokenizer = self.processor.tokenizer
-            side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
+            tokenizer = self.processor.tokenizer  # the export pads on the left: batched generation
+            side, saved = tokenizer.padding_side, tokenizer.init_kwargs.get("padding_side")
+            tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
             try:
                 self.processor.save_pretrained(tmp)
             finally:
-                tokenizer.padding_side = side
+                tokenizer.padding_side, tokenizer.init_kwargs["padding_side"] = side, saved
             (tmp / "clipdino_vlm.json").write_text(json.dumps({**meta, "template": self.template.name,
                                                                "vision": self.cfg.model.vision,
                                                                "llm": self.cfg.model.llm,
