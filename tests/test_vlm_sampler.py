@@ -147,3 +147,25 @@ def test_malformed_json_names_the_place(tmp_path):
         read_records(str(tmp_path / "b.json"))
     with pytest.raises(DataError, match="no such file"):
         read_records(str(tmp_path / "c.json"))
+
+
+def test_shards_carry_the_same_records_as_the_json(tmp_path):
+    """The synthetic instruction data written both ways reads back to the same records and image bytes."""
+    from data.vlm_data import read_records
+    from data.vlm_synthetic import ensure_vlm_data
+
+    paths = ensure_vlm_data(tmp_path, stage1_samples=12, stage2_samples=21, val_questions=7, test_questions=7,
+                            shards=True)
+    for stage in ("stage1", "stage2"):
+        from_json, root = read_records(paths[f"{stage}_json"])
+        from_shards, _ = read_records(paths[f"{stage}_shards"])
+        assert sorted(r.id for r in from_json) == sorted(r.id for r in from_shards)
+        by_id = {r.id: r for r in from_shards}
+        for record in from_json:
+            other = by_id[record.id]
+            assert other.conversations == record.conversations and (other.image is None) == (record.image is None)
+            if record.image is not None:
+                shard, offset, size = other.shard
+                with open(shard, "rb") as f:
+                    f.seek(offset)
+                    assert f.read(size) == (root / record.image).read_bytes()
