@@ -183,11 +183,13 @@ def vlm_step_flops(config, sizes: dict[str, int], parts: set[str], counts: dict[
     """Matmul FLOPs of one training step from its token counts: forward x1, + x1 for activation gradients of
     anything upstream of a trained part, + x1 for the weight gradients of trained parts. `counts`: summed
     "count/input_tokens" (non-pad tokens), "count/token_sq" (sum of squared sequence lengths: causal attention),
-    "count/samples" (images through the tower, text-only samples' zero images included)."""
+    "count/samples" (images through the tower, text-only samples' zero images included), "count/tokens"
+    (supervised tokens: where the LM head runs)."""
     c, v = config.text_config, config.vision_config
     tokens, token_sq, images = counts["count/input_tokens"], counts["count/token_sq"], counts["count/samples"]
     body = sizes["llm"] - c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)  # no embedding lookups
-    llm_fwd = 2 * tokens * (body + c.vocab_size * c.hidden_size) + 2 * c.num_hidden_layers * c.hidden_size * token_sq
+    head = 2 * counts["count/tokens"] * c.vocab_size * c.hidden_size  # the head runs at supervised positions only
+    llm_fwd = 2 * tokens * body + head + 2 * c.num_hidden_layers * c.hidden_size * token_sq
     llm_mult = 3 if "llm" in parts else 2  # a frozen LLM still back-propagates to the projector
     seq = config.image_seq_length + 1  # patches + class token through every tower layer
     tower_fwd = images * (2 * seq * sizes["vision"] + 4 * v.num_hidden_layers * v.hidden_size * seq * seq)
