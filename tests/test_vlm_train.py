@@ -57,9 +57,13 @@ def _equal(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def stage1_run(vlm_inputs, tmp_path_factory):
+    """Stage 1 with eval.watch=true: the watcher scores the export on a tiny VMCBench beside the training."""
+    from eval.vmcbench.tiny import tiny_rows, write_tiny_vmcbench
+
     run = tmp_path_factory.mktemp("stage1")
+    bench = write_tiny_vmcbench(run.parent / f"{run.name}_vmcbench", tiny_rows(["TextVQA", "AI2D", "synthetic_shape"]))
     train_vlm(1, [f"model.vision={vlm_inputs['encoder']}", f"data.train={vlm_inputs['stage1']}", f"run.dir={run}",
-                  "schedule.steps=3"])
+                  "schedule.steps=3", "eval.watch=true", f"eval.data={bench}", "eval.max_new_tokens=2"])
     return run
 
 
@@ -68,6 +72,9 @@ def test_stage1_then_stage2_zero3_on_two_ranks(vlm_inputs, stage1_run, tmp_path)
     rows = [json.loads(line) for line in (stage1_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["tokens_per_s"] > 0 and r["count/tokens"] > 0 for r in rows)
     assert (stage1_run / "loss.png").is_file() and (stage1_run / "config.yaml").is_file()
+    ledger = [json.loads(line) for line in (stage1_run / "evals.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["status"]) for r in ledger] == [(3, "ok")], ledger
+    assert json.loads((stage1_run / "evals" / "step_0000003" / "results.json").read_text())["n"] == 3
     run = tmp_path / "stage2"
     train_vlm(2, [f"model.vision={vlm_inputs['encoder']}", f"data.train={vlm_inputs['stage2']}", f"run.dir={run}",
                   f"model.projector_from={stage1_run}", "data.template=vicuna_v1", "schedule.steps=3"], ranks=2)
