@@ -140,3 +140,26 @@ def test_training_step_equals_llavas_own_forward_and_ignores_text_only_images(tm
     loss.backward()
     assert all(p.grad is not None for p in model.model.multi_modal_projector.parameters())
     assert model.model.vision_tower.embeddings.patch_embedding.weight.grad is not None  # layers up to -2 ran
+
+
+def test_unfreezing_the_tower_gives_it_its_own_lr(tmp_path):
+    from train.config_loader import load_config
+    from train.objectives.vlm import VLMObjective
+    from train.optim import param_groups
+    from train.vlm_config import VLM_CHOICES, VLMConfig
+
+    data = make_llava_data(tmp_path / "data", records=2, text_only=0)
+    cfg = load_config(REPO / "launch/configs/vlm/tiny_stage2.yaml",
+                      [f"model.vision={make_encoder_export(tmp_path / 'enc')}", "model.llm=tiny-llama",
+                       f"data.train={data['stage2']}", "model.projector_from=", "model.train=projector,llm,vision",
+                       "model.vision_lr=2e-6"], cls=VLMConfig, choices=VLM_CHOICES)
+    objective = VLMObjective(cfg, 1, 1)
+    groups = param_groups(objective.student, 0.0, objective.no_weight_decay_names(), objective.group_of)
+    scales = {g["name"]: objective.lr_scale(g["name"], 0) for g in groups}
+    assert scales["vision/decay"] == pytest.approx(2e-6 / 2e-5) and scales["default/decay"] == 1.0
+    tower = {id(p) for p in objective.llava.model.vision_tower.parameters()}
+    assert all(id(p) in tower for g in groups if g["name"].startswith("vision") for p in g["params"])
+    from train.vlm_config import trainable_parts
+
+    with pytest.raises(ValueError, match="model.train"):
+        trainable_parts("llm")  # the projector always trains
