@@ -29,10 +29,11 @@ def _worker_init(_: int) -> None:
 class VLMLoader:
     def __init__(self, dataset: ConversationDataset, lengths: list[int], micro: int, world: int, accum: int,
                  rank: int, seed: int, workers: int = 2, grouped: bool = True, pad_id: int = 0,
-                 max_skipped: int = 100):
+                 max_skipped: int = 100, pin_memory: bool = False):
         self.dataset, self.lengths = dataset, lengths
         self.micro, self.world, self.accum, self.rank, self.seed = micro, world, accum, rank, seed
         self.workers, self.grouped, self.pad_id, self.max_skipped = workers, grouped, pad_id, max_skipped
+        self.pin_memory = pin_memory
         self.epoch, self.batch = 0, 0  # position: micro-batches of `epoch` consumed
         self.skipped: dict[str, int] = {}
         self._logged = 0
@@ -79,7 +80,7 @@ class VLMLoader:
                                 f"{self.world} rank(s)")
             loader = DataLoader(self.dataset, batch_sampler=batches[self.batch:], num_workers=self.workers,
                                 collate_fn=functools.partial(collate, pad_id=self.pad_id),
-                                worker_init_fn=_worker_init if self.workers else None,
+                                worker_init_fn=_worker_init if self.workers else None, pin_memory=self.pin_memory,
                                 prefetch_factor=4 if self.workers else None,
                                 generator=torch.Generator().manual_seed(self.seed))  # no draw from the global RNG
             for raw in loader:

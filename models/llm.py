@@ -90,7 +90,7 @@ def build_tiny_tokenizer(style: str):
                                    model_max_length=TINY_LLMS["tiny-qwen2"].max_positions)
 
 
-def build_tiny_llm(name: str, seed: int = 0):
+def build_tiny_llm(name: str, seed: int = 0, attn_implementation: str = "sdpa"):
     """(model, tokenizer) of a named tiny config; the weights are a function of the seed."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -106,14 +106,16 @@ def build_tiny_llm(name: str, seed: int = 0):
                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=spec.family == "qwen2")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model, tokenizer
 
 
-def load_llm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, cache_dir: str = "data_cache/llm"):
-    """(causal LM, fast tokenizer) from a tiny name, a model folder, a .gguf file or a known offline package name."""
+def load_llm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, cache_dir: str = "data_cache/llm",
+             attn_implementation: str = "sdpa"):
+    """(causal LM in training mode, fast tokenizer) from a tiny name, a model folder, a .gguf file or a known offline
+    package name."""
     if spec in TINY_LLMS:
-        model, tokenizer = build_tiny_llm(spec, seed)
+        model, tokenizer = build_tiny_llm(spec, seed, attn_implementation)
         return model.to(dtype), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,8 +124,12 @@ def load_llm(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, cache
         from models.convert.gguf_llm import ensure_llm
 
         folder = ensure_llm(spec, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: no usable tokenizer (tokenizer.json or tokenizer.model): "
+                         f"{str(e).splitlines()[0]}") from None
     if not tokenizer.is_fast:
         raise ValueError(f"{folder}: the VLM stage needs a fast tokenizer (tokenizer.json) for its label masks")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    return model.train(), tokenizer  # from_pretrained leaves eval(): HF gradient checkpointing needs training mode

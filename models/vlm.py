@@ -13,6 +13,7 @@ LLM's body and head, and a freshly initialised projector (torch's nn.Linear init
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,8 +42,8 @@ def load_encoder_tower(export_dir: str):
 
 
 def build_llava(vision_export: str, llm: str, *, projector: str = "mlp2x_gelu", vision_layer: int = -2,
-                template: str = "plain", system_prompt: Optional[str] = None, dtype: torch.dtype = torch.float32,
-                seed: int = 0, llm_cache: str = "data_cache/llm"):
+                template: str = "plain", system_prompt: Optional[str] = None, seed: int = 0,
+                llm_cache: str = "data_cache/llm", attn_implementation: str = "sdpa", pad_images: bool = True):
     """(LlavaForConditionalGeneration, LlavaProcessor) from an encoder export and a causal LM spec."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -56,7 +57,7 @@ def build_llava(vision_export: str, llm: str, *, projector: str = "mlp2x_gelu", 
     depth = vit_cfg.depth
     if not -depth <= vision_layer <= depth:
         raise ValueError(f"model.vision_layer={vision_layer} is outside the tower's hidden states (depth {depth})")
-    lm, tokenizer = load_llm(llm, torch.float32, seed, llm_cache)
+    lm, tokenizer = load_llm(llm, torch.float32, seed, llm_cache, attn_implementation)
     conv = get_template(template, system_prompt)
     prepare_tokenizer(tokenizer, conv, IMAGE_TOKEN)
     _resize_embeddings(lm, len(tokenizer))
@@ -86,9 +87,9 @@ def build_llava(vision_export: str, llm: str, *, projector: str = "mlp2x_gelu", 
         raise RuntimeError(f"VLM assembly left parameters unset: {meta[:3]}")
     model.generation_config = lm.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(dtype)
-    processor = build_processor(tokenizer, conv.chat_template, vit_cfg.image_size, vit_cfg.patch_size, mean, std)
-    return model, processor
+    processor = build_processor(tokenizer, conv.chat_template, vit_cfg.image_size, vit_cfg.patch_size, mean, std,
+                                pad_images)
+    return model.train(), processor
 
 
 def _resize_embeddings(lm: nn.Module, vocab: int) -> None:
@@ -107,12 +108,13 @@ def _resize_embeddings(lm: nn.Module, vocab: int) -> None:
             head.weight[old:] = head.weight[:old].mean(0, keepdim=True)
 
 
-def build_processor(tokenizer, chat_template: str, image_size: int, patch_size: int, mean, std):
-    """LLaVA-1.5's image preparation: pad to a square with the mean colour (`image_aspect_ratio pad`), resize the
-    shortest edge to the tower's size (bicubic), centre crop, rescale, normalise with the tower's statistics."""
+def build_processor(tokenizer, chat_template: str, image_size: int, patch_size: int, mean, std, pad: bool = True):
+    """LLaVA-1.5's image preparation: pad to a square with the mean colour (`image_aspect_ratio pad`, stage 2; stage
+    1's scripts leave the default `square`: no padding), resize the shortest edge to the tower's size (bicubic),
+    centre crop, rescale, normalise with the tower's statistics."""
     from transformers import LlavaImageProcessor, LlavaProcessor
 
-    image_processor = LlavaImageProcessor(do_pad=True, size={"shortest_edge": image_size},
+    image_processor = LlavaImageProcessor(do_pad=pad, size={"shortest_edge": image_size},
                                           crop_size={"height": image_size, "width": image_size},
                                           image_mean=list(mean), image_std=list(std), resample=3)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
@@ -149,7 +151,15 @@ def load_projector(model, source: str) -> str:
     if not files:
         raise FileNotFoundError(f"model.projector_from={source}: no stage-1 run folder or Llava export "
                                 f"(no export/step_* and no *.safetensors in {folder})")
-    want = {k: v for k, v in model.model.multi_modal_projector.state_dict().items()}
+    want = dict(model.model.multi_modal_projector.state_dict())
+    source_config = folder / "config.json"
+    if source_config.is_file():  # an mlp2x_gelu projector and a linear one have the same shapes: compare the kind
+        theirs = json.loads(source_config.read_text()).get("projector_hidden_act")
+        if theirs is not None and theirs != model.config.projector_hidden_act:
+            kinds = {"linear": "linear"}
+            raise ValueError(f"model.projector_from={folder}: its projector is {kinds.get(theirs, 'mlp2x_gelu')}, "
+                             f"this model's is {kinds.get(model.config.projector_hidden_act, 'mlp2x_gelu')} "
+                             "(set model.projector to match stage 1)")
     found: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), "pt") as f:

@@ -163,3 +163,43 @@ def test_unfreezing_the_tower_gives_it_its_own_lr(tmp_path):
 
     with pytest.raises(ValueError, match="model.train"):
         trainable_parts("llm")  # the projector always trains
+
+
+def test_an_llm_from_a_folder_trains_with_gradient_checkpointing(tmp_path):
+    """from_pretrained leaves a model in eval mode, where HF skips gradient checkpointing: the objective must not."""
+    from models.llm import build_tiny_llm
+    from train.config_loader import load_config
+    from train.objectives.vlm import VLMObjective
+    from train.vlm_config import VLM_CHOICES, VLMConfig
+
+    lm, tokenizer = build_tiny_llm("tiny-llama")
+    lm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    data = make_llava_data(tmp_path / "data", records=2, text_only=0)
+    cfg = load_config(REPO / "launch/configs/vlm/tiny_stage2.yaml",
+                      [f"model.vision={make_encoder_export(tmp_path / 'enc')}", f"model.llm={tmp_path / 'llm'}",
+                       f"data.train={data['stage2']}", "model.projector_from=", "model.grad_checkpointing=true"],
+                      cls=VLMConfig, choices=VLM_CHOICES)
+    objective = VLMObjective(cfg, 1, 1)
+    objective.configure_grad_checkpointing()
+    language_model = objective.llava.model.language_model
+    assert language_model.training and language_model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "launch/configs/vlm").glob("*.yaml")))
+def test_shipped_vlm_configs_load(name, monkeypatch):
+    from train.config_loader import load_config
+    from train.vlm_config import VLM_CHOICES, VLMConfig
+
+    for var in ("ENCODER", "VICUNA_DIR", "QWEN2_DIR", "LLAVA_DATA", "VMCBENCH_DIR"):
+        monkeypatch.setenv(var, f"/{var.lower()}")
+    cfg = load_config(REPO / "launch/configs/vlm" / name, cls=VLMConfig, choices=VLM_CHOICES)
+    if name.startswith("llava15"):  # LLaVA-1.5's published numbers
+        stage2 = "stage2" in name
+        assert (cfg.optim.lr, cfg.schedule.global_batch, cfg.deepspeed.zero_stage) == (
+            (2e-5, 128, 3) if stage2 else (1e-3, 256, 2))
+        assert cfg.schedule.epochs == 1 and cfg.schedule.warmup_epochs == 0.03 and cfg.optim.weight_decay == 0
+        assert cfg.data.max_length == 2048 and cfg.model.grad_checkpointing and cfg.model.vision_layer == -2
+        assert cfg.data.group_by_modality_length == stage2 and cfg.data.image_aspect_ratio == (
+            "pad" if stage2 else "square")
+        assert cfg.data.template == ("plain" if not stage2 else "vicuna_v1" if "vicuna" in name else "chatml")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,11 @@ def test_stage1_then_stage2_zero3_on_two_ranks(vlm_inputs, stage1_run, tmp_path)
     rows = [json.loads(line) for line in (stage1_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["tokens_per_s"] > 0 and r["count/tokens"] > 0 for r in rows)
     assert (stage1_run / "loss.png").is_file() and (stage1_run / "config.yaml").is_file()
-    ledger = [json.loads(line) for line in (stage1_run / "evals.jsonl").read_text().splitlines()]
+    ledger_file = stage1_run / "evals.jsonl"
+    deadline = time.time() + 180  # the watcher finishes the last export after the training exits (not waited for)
+    while not ledger_file.exists() and time.time() < deadline:
+        time.sleep(1)
+    ledger = [json.loads(line) for line in ledger_file.read_text().splitlines()]
     assert [(r["step"], r["status"]) for r in ledger] == [(3, "ok")], ledger
     assert json.loads((stage1_run / "evals" / "step_0000003" / "results.json").read_text())["n"] == 3
     run = tmp_path / "stage2"

@@ -97,8 +97,9 @@ def params_finite(module: torch.nn.Module) -> bool:
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, rank: int, client: dict[str, Any],
-                    rank_state: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Refuses to write non-finite weights."""
+                    rank_state: dict[str, Any], keep: int, frozen: bool = True) -> Path:
+    """Collective: every rank calls it. Refuses to write non-finite weights. `frozen=False` leaves out parameters
+    that do not train (a VLM's tower and, in stage 1, its LLM: rebuilt from their sources on resume)."""
     device = getattr(engine, "device", None) or next(engine.module.parameters()).device  # NCCL reduces CUDA tensors only
     finite = torch.tensor([1.0 if params_finite(engine.module) else 0.0], device=device)
     if torch.distributed.is_initialized():
@@ -112,7 +113,8 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, rank: int, client: 
     if rank == 0 and folder.exists():  # a partial folder left by an interrupted save of the same step
         shutil.rmtree(folder)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
+                           exclude_frozen_parameters=not frozen)
     torch.save(rank_state, folder / f"rank_{rank:05d}.pt")
     if rank == 0:
         torch.save(client, folder / "client.pt")
@@ -126,14 +128,14 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, rank: int, client: 
     return folder
 
 
-def load_checkpoint(engine, folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(engine, folder: Path, rank: int, frozen: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load engine state (weights + optimizer) and return (client state, this rank's state)."""
     meta = json.loads((folder / MARKER).read_text())
     if meta.get("world") != _world():
         raise RuntimeError(f"checkpoint {folder} was written by {meta.get('world')} ranks, this run has {_world()}: "
                            "exact resume needs the same world size")
     path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+                                     load_lr_scheduler_states=False, load_module_strict=frozen)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
     client = torch.load(folder / "client.pt", map_location="cpu", weights_only=True)

@@ -96,7 +96,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
     # ---------------------------------------------------------------- resume
     start_step, samples_seen, nonfinite_total = 0, 0, 0
     if resume_from is not None:
-        client, rank_state = ckpt.load_checkpoint(engine, resume_from, dist.rank)
+        client, rank_state = ckpt.load_checkpoint(engine, resume_from, dist.rank, objective.checkpoint_frozen)
         objective.load_state_dict(client["objective"])
         loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
@@ -136,7 +136,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
                   "objective": objective.state_dict()}
         rank_state = {"rng": ckpt.rng_state(), "data": loader.state_dict()}
         folder = ckpt.save_checkpoint(engine, run_dir / "checkpoints", step, dist.rank, client, rank_state,
-                                      cfg.checkpoint.keep)
+                                      cfg.checkpoint.keep, objective.checkpoint_frozen)
         if cfg.checkpoint.export:
             meta = {"step": step, "samples_seen": samples_seen, "objective": cfg.objective.name,
                     "run_dir": str(run_dir), "checkpoint": str(folder)}

@@ -23,7 +23,9 @@ class VLMModelConfig:
     train: str = "projector"  # projector (stage 1) | projector,llm (stage 2) | projector,llm,vision
     vision_lr: Optional[float] = None  # LR of the tower when `train` includes vision (None: optim.lr)
     grad_checkpointing: bool = False  # on the LLM (and the tower when it trains)
-    dtype: str = "float32"  # what the LLM loads as; DeepSpeed keeps fp32 parameters, bf16 runs as autocast
+    attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | flash_attention_2 (LLaVA's, needs flash-attn) | eager
+    export_dtype: str = "float32"  # weights of export/step_*: float32 | bfloat16 (LLaVA's checkpoints; half the size).
+    # Training always keeps fp32 parameters and optimizer state in DeepSpeed; bf16 runs as autocast on GPU.
 
 
 @dataclass
@@ -31,6 +33,7 @@ class VLMDataConfig:
     train: str = ""  # LLaVA JSON (a list of {"id", "image", "conversations"}) or webdataset shards (.tar pattern)
     image_folder: str = ""  # root of the JSON's relative image paths ("" = the JSON's folder / images)
     template: str = "plain"  # plain (stage 1) | vicuna_v1 | chatml (data/conversation.py)
+    image_aspect_ratio: str = "pad"  # pad (stage 2: to a square with the mean colour) | square (stage 1: resize + crop)
     system_prompt: Optional[str] = None  # None: the template's own
     max_length: int = 2048  # tokens after the image tokens are expanded (LLaVA's model_max_length)
     group_by_modality_length: bool = True  # LLaVA's sampler: image and text-only batches apart, lengths grouped
@@ -91,7 +94,9 @@ class VLMConfig:
 VLM_CHOICES = {
     "objective.name": ("vlm",),
     "model.projector": ("linear", "mlp2x_gelu"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.export_dtype": ("float32", "bfloat16"),
+    "model.attn_implementation": ("sdpa", "flash_attention_2", "eager"),
+    "data.image_aspect_ratio": ("pad", "square"),
     "data.template": ("plain", "vicuna_v1", "chatml"),
     "eval.split": ("dev", "test"),
     "deepspeed.precision": ("auto", "fp32", "bf16"),

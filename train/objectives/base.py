@@ -24,6 +24,7 @@ from train.optim import cosine  # noqa: F401  (schedules of objectives)
 class Objective(ABC):
     name: str = ""
     student: nn.Module
+    checkpoint_frozen: bool = True  # False: checkpoints leave out frozen parameters (rebuilt from the config)
 
     def __init__(self, cfg, steps_per_epoch: int, total_steps: int):
         self.cfg = cfg

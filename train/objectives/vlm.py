@@ -51,7 +51,8 @@ class LlavaTrainingStep(nn.Module):
             raise ValueError(f"{int(image_positions.sum())} image tokens for {real.shape[0]} images of "
                              f"{real.shape[1]} features: the batch and the model's image_seq_length disagree")
         embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), real.to(embeds.dtype))
-        hidden = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE_INDEX  # (B, T-1)
         # the head only where a label is: the same loss as logits everywhere, without a (B, T, V) tensor
@@ -66,6 +67,7 @@ class LlavaTrainingStep(nn.Module):
 
 class VLMObjective(Objective):
     name = "vlm"
+    checkpoint_frozen = False  # frozen weights come back from model.vision / model.llm: checkpoints hold the rest
 
     def __init__(self, cfg, steps_per_epoch: int, total_steps: int):
         super().__init__(cfg, steps_per_epoch, total_steps)
@@ -76,16 +78,20 @@ class VLMObjective(Objective):
         if not m.vision:
             raise ValueError("set model.vision (an encoder export folder: ours, or one from models.convert)")
         self.parts = trainable_parts(m.train)
-        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         self.llava, self.processor = build_llava(m.vision, m.llm, projector=m.projector, vision_layer=m.vision_layer,
                                                  template=cfg.data.template, system_prompt=cfg.data.system_prompt,
-                                                 dtype=dtype, seed=cfg.seed)
+                                                 seed=cfg.seed, attn_implementation=m.attn_implementation,
+                                                 pad_images=cfg.data.image_aspect_ratio == "pad")
+        image_tokens = self.llava.config.image_seq_length
+        if cfg.data.max_length <= image_tokens + 1:
+            raise ValueError(f"data.max_length={cfg.data.max_length} leaves no room for text beside the tower's "
+                             f"{image_tokens} image tokens")
         self.template = get_template(cfg.data.template, cfg.data.system_prompt)
         self.projector_source = load_projector(self.llava, m.projector_from) if m.projector_from else ""
         set_trainable(self.llava, self.parts)
+        self.llava.train()  # HF gradient checkpointing only acts in training mode
         self.student = LlavaTrainingStep(self.llava)
         self.sizes = describe(self.llava)
-        self._mean_tokens = None
 
     # ------------------------------------------------------------------ data (the objective owns it)
     @classmethod
@@ -102,9 +108,13 @@ class VLMObjective(Objective):
 
     @classmethod
     def count_samples(cls, cfg) -> int:
+        from data.shards import DataError
         from data.vlm_data import read_records
 
-        return len(read_records(cfg.data.train, cfg.data.image_folder)[0])
+        records = read_records(cfg.data.train, cfg.data.image_folder)[0]
+        if not records:
+            raise DataError(f"data.train={cfg.data.train} holds no records")
+        return len(records)
 
     def build_loader(self, micro: int, accum: int, rank: int, world: int, device_type: str):
         from data.vlm_data import ConversationDataset, modality_lengths, read_records
@@ -115,7 +125,8 @@ class VLMObjective(Objective):
         dataset = ConversationDataset(records, root, self.processor, self.template,
                                       self.llava.config.image_seq_length, d.max_length)
         return VLMLoader(dataset, modality_lengths(records), micro, world, accum, rank, self.cfg.seed, d.workers,
-                         d.group_by_modality_length, self.processor.tokenizer.pad_token_id, d.max_skipped)
+                         d.group_by_modality_length, self.processor.tokenizer.pad_token_id, d.max_skipped,
+                         pin_memory=device_type == "cuda")
 
     def data_processor(self):
         return self.processor
@@ -172,13 +183,19 @@ class VLMObjective(Objective):
             state = {k.removeprefix("llava."): v for k, v in state.items()}
         else:
             state = {k: v.detach().cpu() for k, v in self.llava.state_dict().items()}
+        export_dtype = torch.bfloat16 if self.cfg.model.export_dtype == "bfloat16" else torch.float32
+        state = {k: v.to(export_dtype) if v.is_floating_point() else v for k, v in state.items()}
         bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise ValueError(f"refusing to export non-finite weights ({bad[0]} and {len(bad) - 1} more)")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            self.llava.save_pretrained(tmp, state_dict=state)
+            dtype, self.llava.config.dtype = self.llava.config.dtype, export_dtype  # what from_pretrained loads as
+            try:
+                self.llava.save_pretrained(tmp, state_dict=state)
+            finally:
+                self.llava.config.dtype = dtype
             tokenizer = self.processor.tokenizer  # the export pads on the left: batched generation
             side, saved = tokenizer.padding_side, tokenizer.init_kwargs.get("padding_side")
             tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
