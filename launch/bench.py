@@ -5,6 +5,7 @@
     python launch/bench.py data  ...        (loader throughput)
     python launch/bench.py loss  ...        (loss kernels: time and memory)
     python launch/bench.py eval  ...        (evaluation harness: feature extraction, probe time)
+    python launch/bench.py vlm   --llm tiny-llama --vision tiny --json out.json   (VLM stage-2 step vs transformers)
 
 Each module defines `add_parser(subparsers)`; its parser sets `func(args) -> exit code` and
 optionally `check(parser, args)` for argument validation. Results go to stdout and, with
@@ -20,7 +21,7 @@ from typing import Optional
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-SUBCOMMANDS = ("train", "data", "loss", "eval")
+SUBCOMMANDS = ("train", "data", "loss", "eval", "vlm")
 
 
 def build_parser() -> argparse.ArgumentParser:
