@@ -11,9 +11,7 @@ so an evaluation watcher never reads a partial export.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from models.atomic import atomic_folder
 from models.vit import ViTConfig, VisionTransformer
 
 FORMAT = "clipdino-export"
@@ -40,20 +39,12 @@ def save_export(out_dir: str | Path, module: nn.Module, kind: str, config: dict[
         raise ValueError(f"refusing to export non-finite weights ({bad[0]} and {len(bad) - 1} more)")
     full = {"format": FORMAT, "version": VERSION, "kind": kind, **config, "meta": meta or {}}
     tokenizer = config.get("tokenizer")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
         if tokenizer:  # make the export self-contained
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
             full["tokenizer"] = "tokenizer.model"
         (tmp / "config.json").write_text(json.dumps(full, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -82,7 +82,8 @@ def test_stage1_then_stage2_zero3_on_two_ranks(vlm_inputs, stage1_run, tmp_path)
     assert json.loads((stage1_run / "evals" / "step_0000003" / "results.json").read_text())["n"] == 3
     run = tmp_path / "stage2"
     train_vlm(2, [f"model.vision={vlm_inputs['encoder']}", f"data.train={vlm_inputs['stage2']}", f"run.dir={run}",
-                  f"model.projector_from={stage1_run}", "data.template=vicuna_v1", "schedule.steps=3"], ranks=2)
+                  f"model.projector_from={stage1_run}", "data.template=vicuna_v1", "schedule.steps=3",
+                  "deepspeed.zero_stage=3"], ranks=2)
     s2_export = run / "export" / "step_0000003"
     meta = json.loads((s2_export / "clipdino_vlm.json").read_text())
     assert meta["projector_from"] == str(s1_export) and meta["template"] == "vicuna_v1"
@@ -104,6 +105,7 @@ def test_stage2_resume_is_bitwise_on_two_ranks_with_zero3(vlm_inputs, stage1_run
     """4 steps straight vs 2, stop, resume=auto, 2 more: identical per-step losses (fp32 CPU, ZeRO-3, 2 ranks)."""
     common = [f"model.vision={vlm_inputs['encoder']}", f"data.train={vlm_inputs['stage2']}",
               f"model.projector_from={stage1_run}", "schedule.steps=4", "checkpoint.every=2", "data.template=chatml",
+              "deepspeed.zero_stage=3",
               "model.llm=tiny-qwen2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train_vlm(2, [*common, f"run.dir={straight}"], ranks=2)

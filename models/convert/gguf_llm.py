@@ -24,17 +24,15 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from models.atomic import atomic_folder
 from models.convert.common import run_cli
 
 RECORD = "clipdino_source.json"
@@ -145,10 +143,7 @@ def convert_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32",
               "architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
               "vocab_size": model.config.vocab_size, "chat_template": bool(tokenizer.chat_template),
               "converted_by": "models.convert.gguf_llm"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
+    with atomic_folder(out) as tmp:
         context = getattr(model.config, "max_position_embeddings", None)
         if context and tokenizer.model_max_length > 1e12:  # the GGUF loader leaves it "unlimited"
             tokenizer.model_max_length = context
@@ -157,13 +152,6 @@ def convert_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32",
         record["max_abs_logit_diff"] = _reload_diff(tmp, reference, dtype)
         record["seconds"] = round(time.perf_counter() - start, 1)
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        if out.exists():
-            os.replace(out, old)  # a non-empty folder cannot be replaced in one rename
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return record
 
 

@@ -36,16 +36,14 @@ the LLM as image tokens).
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
+from models.atomic import atomic_folder
 from models.convert.common import (build_vit, converter_parser, read_json, read_state_dict, run_cli, short,
                                    to_source_names, vit_summary)
 from models.convert.hf_clip import OPENAI_MEAN, OPENAI_STD, VISION_INVERSE as CLIP_NAMES
@@ -243,17 +241,9 @@ def export_to_hf(export_dir: str | Path, out: str | Path, *, purpose: str = "enc
     config, state = hf_vision_from_vit(vit, purpose=purpose)
     model = transformers.AutoModel.from_config(config)
     model.load_state_dict(state, strict=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:  # the folder appears complete or not at all (models/export.py does the same)
+    with atomic_folder(out) as tmp:  # the folder appears complete or not at all
         model.save_pretrained(tmp)
         image_processor_for(vit, mean, std).save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     summary = (f"{config.model_type} ({type(model).__name__}) from a {export_config['kind']} export: "
                f"{vit_summary(export_config['vision'])}; mean/std from {stats_from}")
     return out, summary

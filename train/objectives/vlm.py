@@ -15,9 +15,6 @@ tensor: at 7B with a 32K vocabulary that is 4 GB per 16 x 2048-token micro-batch
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.vlm_data import IGNORE_INDEX, VLMBatch
-from train.objectives.base import Objective
+from models.atomic import atomic_folder
 from models.vlm import vlm_step_flops
+from train.objectives.base import Objective
 from train.vlm_config import trainable_parts
 
 
@@ -188,9 +186,7 @@ class VLMObjective(Objective):
         bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise ValueError(f"refusing to export non-finite weights ({bad[0]} and {len(bad) - 1} more)")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_folder(out_dir) as tmp:
             dtype, self.llava.config.dtype = self.llava.config.dtype, export_dtype  # what from_pretrained loads as
             try:
                 self.llava.save_pretrained(tmp, state_dict=state)
@@ -207,12 +203,6 @@ class VLMObjective(Objective):
                                                                "vision": self.cfg.model.vision,
                                                                "llm": self.cfg.model.llm,
                                                                "projector_from": self.projector_source}, indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def export(self):
         raise NotImplementedError("the VLM writes a transformers folder (write_export)")
