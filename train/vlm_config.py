@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from train.config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, RunConfig, ScheduleConfig
+from train.config import CHOICES, CheckpointConfig, DeepSpeedConfig, LoggingConfig, RunConfig, ScheduleConfig
 
 
 @dataclass
@@ -92,6 +92,7 @@ class VLMConfig:
 
 
 VLM_CHOICES = {
+    **{k: v for k, v in CHOICES.items() if k.split(".")[0] in ("deepspeed", "logging", "nonfinite")},  # shared sections
     "objective.name": ("vlm",),
     "model.projector": ("linear", "mlp2x_gelu"),
     "model.export_dtype": ("float32", "bfloat16"),
@@ -99,10 +100,6 @@ VLM_CHOICES = {
     "data.image_aspect_ratio": ("pad", "square"),
     "data.template": ("plain", "vicuna_v1", "chatml"),
     "eval.split": ("dev", "test"),
-    "deepspeed.precision": ("auto", "fp32", "bf16"),
-    "deepspeed.zero_stage": (0, 1, 2, 3),
-    "logging.wandb": ("auto", "online", "offline", "disabled"),
-    "nonfinite": ("skip", "halt"),
 }
 TRAINABLE_PARTS = ("projector", "llm", "vision")
 
