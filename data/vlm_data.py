@@ -58,7 +58,7 @@ def _check_record(entry: Any, where: str) -> Record:
 def _read_json(path: Path) -> list[Record]:
     try:
         text = path.read_text()
-        entries = json.loads(text) if not path.suffix == ".jsonl" else [
+        entries = json.loads(text) if path.suffix != ".jsonl" else [
             json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None

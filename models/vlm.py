@@ -25,7 +25,7 @@ IMAGE_TOKEN = "<image>"
 
 
 def load_encoder_tower(export_dir: str):
-    """(HF vision model, image mean, image std) from an encoder export (kind vit or clip)."""
+    """(HF vision model, image mean, image std, our ViT config) from an encoder export (kind vit or clip)."""
     from transformers import AutoModel
 
     from models.convert.to_hf import hf_vision_from_vit
@@ -156,10 +156,11 @@ def load_projector(model, source: str) -> str:
     if source_config.is_file():  # an mlp2x_gelu projector and a linear one have the same shapes: compare the kind
         theirs = json.loads(source_config.read_text()).get("projector_hidden_act")
         if theirs is not None and theirs != model.config.projector_hidden_act:
-            kinds = {"linear": "linear"}
-            raise ValueError(f"model.projector_from={folder}: its projector is {kinds.get(theirs, 'mlp2x_gelu')}, "
-                             f"this model's is {kinds.get(model.config.projector_hidden_act, 'mlp2x_gelu')} "
-                             "(set model.projector to match stage 1)")
+            def kind(act: str) -> str:
+                return "linear" if act == "linear" else "mlp2x_gelu"
+
+            raise ValueError(f"model.projector_from={folder}: its projector is {kind(theirs)}, this model's is "
+                             f"{kind(model.config.projector_hidden_act)} (set model.projector to match stage 1)")
     found: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), "pt") as f:

@@ -203,3 +203,20 @@ def test_shipped_vlm_configs_load(name, monkeypatch):
         assert cfg.data.group_by_modality_length == stage2 and cfg.data.image_aspect_ratio == (
             "pad" if stage2 else "square")
         assert cfg.data.template == ("plain" if not stage2 else "vicuna_v1" if "vicuna" in name else "chatml")
+
+
+def test_projector_from_refuses_the_other_projector_kind(tmp_path):
+    """An mlp2x_gelu projector and a linear one have the same shapes: the kind is compared, not guessed."""
+    from models.vlm import build_llava, load_projector
+
+    encoder = make_encoder_export(tmp_path / "enc")
+    objective, _ = _objective(tmp_path, "tiny-llama", "vicuna_v1", encoder)
+    objective.write_export(None, tmp_path / "stage1" / "export" / "step_0000001", {"step": 1}, zero_stage=0,
+                           is_main=True)
+    same, _ = build_llava(str(encoder), "tiny-llama", template="vicuna_v1")
+    assert load_projector(same, str(tmp_path / "stage1")).endswith("step_0000001")
+    assert torch.equal(same.model.multi_modal_projector.linear_1.weight,
+                       objective.llava.model.multi_modal_projector.linear_1.weight)
+    linear, _ = build_llava(str(encoder), "tiny-llama", template="vicuna_v1", projector="linear")
+    with pytest.raises(ValueError, match="its projector is mlp2x_gelu, this model's is linear"):
+        load_projector(linear, str(tmp_path / "stage1"))

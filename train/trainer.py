@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: PretrainConfig) -> dict[str, Any]:
+def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_config.py): the same trainer sections
     dist = init_distributed()
     import deepspeed
 
@@ -124,12 +124,12 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:
         watcher = watch_from_config(cfg, run_dir, logger.write, start=dist.is_main)  # checks on every rank
     flops_per_sample = objective.flops_per_sample()
     peak, peak_source = peak_flops(dist.device, precision, cfg.logging.peak_flops)
-    logger.write(f"[clipdino] {cfg.objective.name}: {n_params / 1e6:.2f}M student params ({n_trained / 1e6:.2f}M trained), "
-                 f"{dist.world} rank(s) on {dist.device.type}, {precision}, global batch "
+    per_sample = f"{flops_per_sample / 1e9:.2f} GFLOP/sample, " if flops_per_sample else ""  # VLM: per step, by tokens
+    logger.write(f"[clipdino] {cfg.objective.name}: {n_params / 1e6:.2f}M student params ({n_trained / 1e6:.2f}M "
+                 f"trained), {dist.world} rank(s) on {dist.device.type}, {precision}, global batch "
                  f"{cfg.schedule.global_batch} = {micro} x {dist.world} x {accum}, {total_steps} steps "
-                 f"({steps_per_epoch}/epoch), "
-                 + (f"{flops_per_sample / 1e9:.2f} GFLOP/sample, " if flops_per_sample else "") + f"peak {peak / 1e12:.3f} "
-                 f"TFLOP/s/device ({peak_source})" + (f", resumed from {resume_from}" if resume_from else ""))
+                 f"({steps_per_epoch}/epoch), {per_sample}peak {peak / 1e12:.3f} TFLOP/s/device ({peak_source})"
+                 + (f", resumed from {resume_from}" if resume_from else ""))
 
     def save(step: int) -> None:
         client = {"step": step, "samples_seen": samples_seen, "nonfinite_total": nonfinite_total,

@@ -160,9 +160,6 @@ class VLMObjective(Objective):
     def vision_tower(self) -> nn.Module:
         return self.llava.model.vision_tower
 
-    def init_vision_from(self, export_dir: str) -> None:
-        raise ValueError("the VLM's tower comes from model.vision; model.init_from does not apply")
-
     # ------------------------------------------------------------------ FLOPs
     def flops_per_step(self, counts: dict[str, float], global_batch: int) -> float:
         return vlm_step_flops(self.llava.config, self.sizes, self.parts, counts)
