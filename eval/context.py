@@ -28,12 +28,15 @@ class EvalSettings:
     compare_name: Optional[str] = None
     image_size: Optional[int] = None  # default: each export's native vision.image_size
     normalize: str = "imagenet"  # imagenet (the probing protocol) | export (the export's image_mean / std)
+    protocol: str = "corrected"  # linear probe: corrected | authors (leo1oel/ViT-linear-probing as it runs)
     probe_preset: str = "auto"  # auto | paper | small
-    select_on: str = "heldout"  # heldout | val
+    select_on: Optional[str] = None  # heldout | val (default: heldout; the authors protocol: val)
     probe_epochs: Optional[int] = None
     probe_grid_epochs: Optional[int] = None
     probe_batch_size: Optional[int] = None
-    knn_k: int = 20
+    probe_drop_last: Optional[bool] = None  # drop each epoch's last partial batch (default: no)
+    knn_preset: str = "default"  # default (k 20 on the shared features) | dino (eval_knn.py: its transform, 4 k)
+    knn_k: Optional[int] = None  # default: the preset's (20; dino: 10, 20, 100, 200)
     knn_temperature: float = 0.07
     pairs_per_factor: int = 64
     max_pair_images: int = 2000  # images used for all-pairs statistics (subsampled above this)
@@ -125,18 +128,21 @@ class EvalContext:
     def device(self) -> str:
         return self.settings.resolved_device()
 
-    def features(self, split: str, model: Optional[LoadedModel] = None) -> Features:
-        """Memoised (and disk-cached when a cache dir is set) features of a split under a model."""
+    def features(self, split: str, model: Optional[LoadedModel] = None,
+                 extract: Optional[ExtractSettings] = None) -> Features:
+        """Memoised (and disk-cached when a cache dir is set) features of a split under a model; `extract`
+        (a protocol's own transform / token, named by its `variant`) instead of the model's shared settings."""
         model = model or self.model
-        key = (model.name, split)
+        extract = extract or model.extract
+        key = (model.name, split, extract.variant)
         if key not in self._features:
             start = time.perf_counter()
-            feats = extract_features(model.module, model.kind, self.data, split, model.extract,
+            feats = extract_features(model.module, model.kind, self.data, split, extract,
                                      export_dir=model.export_dir, cache_dir=self.settings.cache_dir, log=self.log)
             seconds = time.perf_counter() - start
-            self.timings[f"{model.name}/{split}"] = {"seconds": seconds, "images": len(feats),
-                                                     "images_per_s": len(feats) / max(seconds, 1e-9),
-                                                     "cached": feats.from_cache}
+            name = f"{model.name}/{split}" + (f"[{extract.variant}]" if extract.variant else "")
+            self.timings[name] = {"seconds": seconds, "images": len(feats),
+                                  "images_per_s": len(feats) / max(seconds, 1e-9), "cached": feats.from_cache}
             self._features[key] = feats
         return self._features[key]
 

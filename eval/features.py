@@ -3,11 +3,15 @@
     feats = extract_features(model, config, data, "val", settings, export_dir=..., cache_dir=...)
     feats.cls  # (N, D) final-norm CLS tokens     feats.embeds  # (N, E) L2-normalised, clip exports only
 
-Images go through the probing protocol's transform (`data.transforms.EvalTransform`: bicubic resize of
-the short side, centre crop, normalise). A cache entry is keyed by the export (resolved path, weight file
-size + mtime, config.json content), the split's shards (names, sizes, mtimes), image size, mean / std,
-precision and FEATURE_VERSION, so a re-run with the same inputs loads instantly and any change recomputes.
-Entries are a safetensors file + a JSON sidecar (keys, captions), written atomically.
+By default images go through `data.transforms.EvalTransform` (bicubic resize of the short side on the uint8
+tensor, centre crop, normalise) and the feature is the CLS token after the final LayerNorm. A protocol that
+copies a reference sets the other fields of ExtractSettings: `resize` (short side before the centre crop),
+`interpolation`, `resize_backend="pil"` (torchvision's transforms on a PIL image, as the references run them)
+and `cls_token="pre_final_norm"` (the last block's CLS before the final LayerNorm: HF CLIPVisionModel's
+`last_hidden_state[:, 0]`). A cache entry is keyed by the export (resolved path, weight file size + mtime,
+config.json content), the split's shards (names, sizes, mtimes), image size, mean / std, precision, those
+fields when not the default, and FEATURE_VERSION, so a re-run with the same inputs loads instantly and any
+change recomputes. Entries are a safetensors file + a JSON sidecar (keys, captions), written atomically.
 """
 from __future__ import annotations
 
@@ -20,16 +24,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.functional as TVF
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from torchvision.transforms import InterpolationMode
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from data.loader import pil_to_uint8
 from data.shards import count_samples
-from data.transforms import EvalTransform
+from data.transforms import EvalTransform, to_normalized_float
 from eval.data import EvalData, decode_sample, iter_samples
 
 FEATURE_VERSION = 1
@@ -51,9 +60,13 @@ class Features:
         return len(self.keys)
 
 
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+CLS_TOKENS = ("final_norm", "pre_final_norm")
+
+
 @dataclass
 class ExtractSettings:
-    image_size: int
+    image_size: int  # the centre crop (and the model's input size)
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
     batch_size: int = 64
@@ -61,9 +74,55 @@ class ExtractSettings:
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
     progress: bool = True
+    resize: Optional[int] = None  # short side before the centre crop (None: image_size)
+    interpolation: str = "bicubic"  # bicubic | bilinear
+    resize_backend: str = "tensor"  # tensor (uint8 tensor, antialiased) | pil (torchvision on a PIL image)
+    cls_token: str = "final_norm"  # final_norm | pre_final_norm (the last block's CLS, before the final LayerNorm)
+    variant: str = ""  # a protocol's name for non-default settings ("authors", "dino_knn"): memo and timing keys
 
-    def transform(self) -> EvalTransform:
-        return EvalTransform(self.image_size, tuple(self.mean), tuple(self.std))
+    def non_default(self) -> dict[str, Any]:
+        """The protocol fields that differ from the default extraction (part of the cache key)."""
+        fields_ = {"resize": self.resize if self.resize not in (None, self.image_size) else None,
+                   "interpolation": self.interpolation, "resize_backend": self.resize_backend,
+                   "cls_token": self.cls_token}
+        defaults = {"resize": None, "interpolation": "bicubic", "resize_backend": "tensor", "cls_token": "final_norm"}
+        return {k: v for k, v in fields_.items() if v != defaults[k]}
+
+    def transform(self) -> Callable:
+        if self.interpolation not in INTERPOLATIONS or self.resize_backend not in ("tensor", "pil"):
+            raise ValueError(f"unknown interpolation {self.interpolation!r} / resize backend {self.resize_backend!r}")
+        if self.cls_token not in CLS_TOKENS:
+            raise ValueError(f"cls_token must be one of {', '.join(CLS_TOKENS)}, got {self.cls_token!r}")
+        rest = {k: v for k, v in self.non_default().items() if k != "cls_token"}
+        if not rest:
+            return EvalTransform(self.image_size, tuple(self.mean), tuple(self.std))
+        return ResizeCropTransform(self.resize or self.image_size, self.image_size, self.interpolation,
+                                   self.resize_backend, tuple(self.mean), tuple(self.std))
+
+
+@dataclass
+class ResizeCropTransform:
+    """Resize the short side to `resize`, centre crop `crop`, normalise. With backend "pil" the uint8 image goes
+    through torchvision's PIL path, i.e. what `transforms.Resize(resize, interpolation)` + `CenterCrop(crop)` +
+    `ToTensor()` + `Normalize` do to the PIL image a torchvision ImageFolder decodes (leo1oel/ViT-linear-probing,
+    facebookresearch/dino eval_knn.py); "tensor" resizes the uint8 tensor with antialiasing (data.transforms)."""
+    resize: int
+    crop: int
+    interpolation: str = "bicubic"
+    backend: str = "tensor"
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+
+    def __call__(self, img: torch.Tensor, rng: Any = None) -> torch.Tensor:
+        mode = INTERPOLATIONS[self.interpolation]
+        if self.backend == "pil":
+            pil = Image.fromarray(img.permute(1, 2, 0).numpy())  # (H, W, 3) uint8
+            pil = TVF.center_crop(TVF.resize(pil, self.resize, interpolation=mode), [self.crop, self.crop])
+            img = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)  # (3, crop, crop)
+        else:
+            img = TF.center_crop(TF.resize(img, [self.resize], interpolation=mode, antialias=True),
+                                 [self.crop, self.crop])
+        return to_normalized_float(img, self.mean, self.std)
 
 
 class _ShardImages(IterableDataset):
@@ -92,12 +151,22 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def encode_images(model: nn.Module, kind: str, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(B, 3, S, S) -> (CLS (B, D), unit-norm joint embedding (B, E) or None), both float32."""
+def encode_images(model: nn.Module, kind: str, images: torch.Tensor, cls_token: str = "final_norm"
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, 3, S, S) -> (CLS (B, D), unit-norm joint embedding (B, E) or None), both float32.
+
+    cls_token "pre_final_norm": the CLS of the last block's output, before the final LayerNorm (what HF
+    CLIPVisionModel returns as `last_hidden_state[:, 0]`); the joint embedding is unchanged (it projects the
+    normed CLS)."""
+    vit = model.visual if kind == "clip" else model
+    if cls_token == "pre_final_norm":
+        pre = vit.forward_intermediates(images, [-1], norm=False)[0][:, 0]  # (B, D)
+        cls, post = pre, vit.norm(pre)
+    else:
+        cls = post = vit(images)  # (B, D)
     if kind == "clip":
-        cls = model.visual(images)  # (B, D)
-        return cls.float(), F.normalize(model.visual_proj(cls).float(), dim=-1)
-    return model(images).float(), None
+        return cls.float(), F.normalize(model.visual_proj(post).float(), dim=-1)
+    return cls.float(), None
 
 
 def _autocast(settings: ExtractSettings):
@@ -118,6 +187,8 @@ def cache_key(identity: dict[str, Any], data: EvalData, split: str, settings: Ex
     payload = {"version": FEATURE_VERSION, "export": identity, "data": data.fingerprint(split), "kind": data.kind,
                "label": data.label, "image_size": settings.image_size, "mean": list(settings.mean),
                "std": list(settings.std), "precision": settings.precision}
+    if settings.non_default():  # default extractions keep the keys they always had
+        payload["protocol"] = settings.non_default()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -179,7 +250,7 @@ def _encode_batches(model: nn.Module, kind: str, batches: Iterable[torch.Tensor]
     cls_parts, emb_parts = [], []
     with _autocast(settings):
         for images in batches:
-            cls, emb = encode_images(model, kind, images)
+            cls, emb = encode_images(model, kind, images, settings.cls_token)
             cls_parts.append(cls)
             if emb is not None:
                 emb_parts.append(emb)

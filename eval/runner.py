@@ -83,11 +83,21 @@ def run_eval(settings: EvalSettings, log: Callable[[str], None] = print) -> dict
 
 def check_settings(s: EvalSettings) -> None:
     """Reject impossible numbers in one line, before any work."""
-    if s.select_on not in ("heldout", "val"):
+    from eval.knn import KNN_PRESETS
+    from eval.linear_probe import PROTOCOLS
+
+    if s.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {s.protocol!r}")
+    if s.select_on not in (None, "heldout", "val"):
         raise ValueError(f"--select-on must be heldout or val, got {s.select_on!r}")
-    positive = {"--knn-k": s.knn_k, "--pairs-per-factor": s.pairs_per_factor, "--batch-size": s.batch_size,
-                "--factor-probe-epochs": s.factor_probe_epochs, "--top-pairs": s.top_pairs,
-                "--image-size": s.image_size or 1, "--probe-epochs": s.probe_epochs or 1,
+    if s.protocol == "authors" and s.select_on == "heldout":
+        raise ValueError("--protocol authors chooses grid point and epoch on val (their code); --select-on heldout "
+                         "needs --protocol corrected")
+    if s.knn_preset not in KNN_PRESETS:
+        raise ValueError(f"--knn-preset must be one of {', '.join(KNN_PRESETS)}, got {s.knn_preset!r}")
+    positive = {"--knn-k": 1 if s.knn_k is None else s.knn_k, "--pairs-per-factor": s.pairs_per_factor,
+                "--batch-size": s.batch_size, "--factor-probe-epochs": s.factor_probe_epochs,
+                "--top-pairs": s.top_pairs, "--image-size": s.image_size or 1, "--probe-epochs": s.probe_epochs or 1,
                 "--probe-grid-epochs": s.probe_grid_epochs or 1, "--probe-batch-size": s.probe_batch_size or 1}
     bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
     bad += [f"--max-pair-images={s.max_pair_images} (needs >= 2)"] if s.max_pair_images < 2 else []

@@ -26,24 +26,37 @@ class Task:
 
 
 def linear_probe_task(ctx: EvalContext) -> dict[str, Any]:
-    from eval.linear_probe import linear_probe, preset
+    from eval.features import settings_dict
+    from eval.linear_probe import authors_extract, linear_probe, preset
 
     s = ctx.settings
-    train, val = ctx.features("train"), ctx.features("val")
-    cfg = preset(s.probe_preset, len(train), select_on=s.select_on, epochs=s.probe_epochs,
-                 grid_epochs=s.probe_grid_epochs, batch_size=s.probe_batch_size, seed=s.seed)
+    extract = authors_extract(ctx.model.extract, ctx.model.config["vision"]) if s.protocol == "authors" else None
+    train, val = ctx.features("train", extract=extract), ctx.features("val", extract=extract)
+    cfg = preset(s.probe_preset, len(train), protocol=s.protocol, select_on=s.select_on, epochs=s.probe_epochs,
+                 grid_epochs=s.probe_grid_epochs, batch_size=s.probe_batch_size, drop_last=s.probe_drop_last,
+                 seed=s.seed)
     result = linear_probe(train.cls, train.labels, val.cls, val.labels, len(ctx.data.classes), cfg, ctx.device)
+    if extract is not None:
+        result["extract"] = settings_dict(extract)
     result["summary"] = {"top1": result["top1"]}
     return result
 
 
 def knn_task(ctx: EvalContext) -> dict[str, Any]:
-    from eval.knn import knn_classify
+    from eval.features import settings_dict
+    from eval.knn import knn_classify, knn_preset, preset_extract
 
-    train, val = ctx.features("train"), ctx.features("val")
+    s = ctx.settings
+    p = knn_preset(s.knn_preset, s.knn_k, s.knn_temperature)
+    extract = preset_extract(ctx.model.extract, p)
+    train, val = ctx.features("train", extract=extract), ctx.features("val", extract=extract)
     result = knn_classify(train.cls.to(ctx.device), train.labels, val.cls, val.labels, len(ctx.data.classes),
-                          ctx.settings.knn_k, ctx.settings.knn_temperature)
-    result["summary"] = {"top1": result["top1"]}
+                          p.ks, p.temperature, headline_k=p.headline_k)
+    result["preset"] = s.knn_preset
+    if extract is not None:
+        result["extract"] = settings_dict(extract)
+    result["summary"] = {"top1": result["top1"], **{f"top1_k{k}": v["top1"] for k, v in
+                                                   result.get("by_k", {}).items() if int(k) != result["k"]}}
     return result
 
 
@@ -106,9 +119,9 @@ def embedding_task(ctx: EvalContext) -> dict[str, Any]:
 
 
 TASKS: dict[str, Task] = {
-    # linear probe on CLS features (z-scored, AdamW, LR x WD grid)
+    # linear probe on CLS features (z-scored, AdamW, LR x WD grid; --protocol corrected | authors)
     "linear_probe": Task(linear_probe_task, needs_labels=True, needs_train=True),
-    "knn": Task(knn_task, needs_labels=True, needs_train=True),  # weighted 20-NN (DINO)
+    "knn": Task(knn_task, needs_labels=True, needs_train=True),  # weighted kNN (DINO; --knn-preset default | dino)
     "zero_shot": Task(zero_shot_task, needs_labels=True),  # zero-shot classification (text tower)
     "retrieval": Task(retrieval_task),  # image-text retrieval recall@1/5/10 on val captions
     "embedding": Task(embedding_task),  # factor sensitivity, class similarity, disagreement pairs

@@ -3,7 +3,9 @@
 
     python launch/eval.py --checkpoint runs/tiny_clip/export/step_0000200 --data data_cache/synthetic --out evals/clip
     python launch/eval.py --checkpoint EXPORT --tasks linear_probe,knn --data /data/imagenet_shards --out DIR \\
-        --probe-preset paper [--select-on val]          # the authors' ImageNet protocol (val selection: theirs)
+        --probe-preset paper [--select-on val]          # the corrected probe with the authors' numbers
+    python launch/eval.py --checkpoint EXPORT --tasks linear_probe,knn --data /data/imagenet_shards --out DIR \\
+        --protocol authors --knn-preset dino            # their probe code as it runs; DINO's eval_knn.py
     python launch/eval.py --checkpoint CLIP_EXPORT --compare DINO_EXPORT --tasks embedding \\
         --data data_cache/synthetic --out evals/clip_vs_dino   # factor sensitivity of both + disagreement pairs
 
@@ -43,16 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", choices=("imagenet", "export"),
                    help="mean/std: ImageNet's (the probing protocol) or the export's training values" +
                    default("normalize"))
+    p.add_argument("--protocol", choices=("corrected", "authors"),
+                   help="linear probe: corrected, or authors = leo1oel/ViT-linear-probing as it runs (bilinear "
+                   "resize, HF last_hidden_state[:, 0], LR restarting every epoch, batch 1024, val selection; "
+                   "docs/eval.md)" + default("protocol"))
     p.add_argument("--probe-preset", choices=("auto", "paper", "small"),
-                   help="paper: the authors' grid/epochs/batch; small: for <100k train samples; auto picks" +
-                   default("probe_preset"))
+                   help="paper: the authors' configured grid/epochs/batch; small: for <100k train samples; auto "
+                   "picks (with --protocol authors: their numbers as run)" + default("probe_preset"))
     p.add_argument("--select-on", choices=("heldout", "val"),
-                   help="choose probe grid point + epoch on held-out train or on val (the authors')" +
-                   default("select_on"))
+                   help="choose probe grid point + epoch on held-out train or on val (the authors') (default: "
+                   "heldout; val with --protocol authors)")
     p.add_argument("--probe-epochs", type=int)
     p.add_argument("--probe-grid-epochs", type=int)
     p.add_argument("--probe-batch-size", type=int)
-    p.add_argument("--knn-k", type=int, help=default("knn_k"))
+    p.add_argument("--probe-drop-last", action="store_true", help="drop each epoch's last partial probe batch")
+    p.add_argument("--knn-preset", choices=("default", "dino"),
+                   help="default: k 20 on the shared features; dino: eval_knn.py (PIL bicubic resize 256, crop "
+                   "224, k 10/20/100/200)" + default("knn_preset"))
+    p.add_argument("--knn-k", type=int, help="one k instead of the preset's (default: 20; dino: 10,20,100,200)")
     p.add_argument("--knn-temperature", type=float, help=default("knn_temperature"))
     p.add_argument("--pairs-per-factor", type=int,
                    help="controlled pairs per factor (synthetic world)" + default("pairs_per_factor"))
