@@ -11,21 +11,35 @@ import torch.nn.functional as F
 from models.vit import VisionTransformer
 
 
+def text_projection(width: int, embed_dim: int, proj_type: str = "linear") -> nn.Module:
+    """open_clip HFTextEncoder's `proj` (hf_model.py), PyTorch's default init as there: linear = Linear(width, embed);
+    mlp = Linear(width, (width + embed) // 2), GELU, Linear(.., embed); no biases."""
+    if proj_type == "linear":
+        return nn.Linear(width, embed_dim, bias=False)
+    if proj_type == "mlp":
+        hidden = (width + embed_dim) // 2
+        return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
+    raise ValueError(f"unknown text projection {proj_type!r}; choose from linear, mlp")
+
+
 class CLIP(nn.Module):
     """`text` is any module mapping (tokens, attention_mask) -> (B, text.width): our TextTransformer or
-    a frozen Hugging Face encoder. `init_logit_bias` set -> SigLIP's learnable bias."""
+    a frozen Hugging Face encoder. `init_logit_bias` set -> SigLIP's learnable bias. `text_proj` None: a bias-free
+    Linear drawn as open_clip's `text_projection` (std width^-0.5); else that module (`text_projection(...)`)."""
 
     def __init__(self, visual: VisionTransformer, text: nn.Module, embed_dim: int = 512,
                  init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = 100.0,
-                 init_logit_bias: Optional[float] = None):
+                 init_logit_bias: Optional[float] = None, text_proj: Optional[nn.Module] = None):
         super().__init__()
         self.visual = visual
         self.text = text
         self.embed_dim = embed_dim
         self.visual_proj = nn.Linear(visual.width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
-        nn.init.normal_(self.visual_proj.weight, std=visual.width ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=text.width ** -0.5)
+        nn.init.normal_(self.visual_proj.weight, std=visual.width ** -0.5)  # open_clip: visual.proj, scale * randn
+        if text_proj is None:
+            text_proj = nn.Linear(text.width, embed_dim, bias=False)
+            nn.init.normal_(text_proj.weight, std=text.width ** -0.5)
+        self.text_proj = text_proj
         # shape (1,), not (): DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes
         self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))  # log(1 / temperature)
         self.max_logit_scale = max_logit_scale

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from models.transformer import Block, init_weights, run_blocks
 
-VIT_INITS = ("trunc_normal", "scaled")
+VIT_INITS = ("trunc_normal", "scaled", "open_clip")
 
 # width, depth, heads (MLP ratio 4). "micro" keeps the CPU embedded default fast.
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -58,7 +58,8 @@ class ViTConfig:
     patch_bias: bool = True  # open_clip's conv1 has no bias
     attn_backend: str = "sdpa"
     act: str = "gelu"  # gelu | quick_gelu (OpenAI CLIP weights)
-    init: str = "trunc_normal"  # trunc_normal (timm / DINO: std 0.02) | scaled (OpenAI CLIP: from width, depth)
+    # trunc_normal (timm / DINO: std 0.02) | scaled (OpenAI CLIP: from width, depth) | open_clip (its VisionTransformer)
+    init: str = "trunc_normal"
 
     def resolved(self) -> "ViTConfig":
         if self.size not in VIT_SIZES:
@@ -99,15 +100,19 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         """trunc_normal: timm / DINO (linear std 0.02, CLS ~1e-6). scaled: OpenAI CLIP's width- and depth-scaled
         normals, which open_clip applies to its text tower (CLS and positions W^-0.5, qkv W^-0.5, attention out and
-        fc2 W^-0.5 (2 depth)^-0.5, fc1 (2W)^-0.5). At small widths std 0.02 leaves the blocks near identity: every
-        image starts with almost the same CLS feature (mean cosine 0.996 between synthetic images for the micro
-        ViT, 0.85 with scaled) and a contrastive loss sits at ln(batch) for longer (docs/eval.md)."""
+        fc2 W^-0.5 (2 depth)^-0.5, fc1 (2W)^-0.5). open_clip: what open_clip's VisionTransformer trains from
+        (`_init_open_clip`). At small widths std 0.02 leaves the blocks near identity: every image starts with
+        almost the same CLS feature (mean cosine 0.996 between synthetic images for the micro ViT, 0.85 with
+        scaled) and a contrastive loss sits at ln(batch) for longer (docs/eval.md)."""
         if self.cfg.init == "trunc_normal":  # (this draw order reproduces earlier runs bit for bit)
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             nn.init.normal_(self.cls_token, std=1e-6)
             if self.reg_tokens is not None:
                 nn.init.normal_(self.reg_tokens, std=1e-6)
             self.apply(init_weights)
+            return
+        if self.cfg.init == "open_clip":
+            self._init_open_clip()
             return
         self.apply(init_weights)
         W, depth = self.width, len(self.blocks)
@@ -120,6 +125,27 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(block.attn.proj.weight, std=residual_std)
             nn.init.normal_(block.mlp.fc1.weight, std=(2 * W) ** -0.5)
             nn.init.normal_(block.mlp.fc2.weight, std=residual_std)
+
+    def _init_open_clip(self) -> None:
+        """open_clip's VisionTransformer (open_clip/transformer.py): `class_embedding` and `positional_embedding` are
+        `width ** -0.5 * torch.randn` and its `init_parameters` is a no-op ("OpenAI CLIP did not define an init"), so
+        every layer keeps PyTorch's default: the patch conv (no bias there: `patch_bias=False`) and the Linears
+        (MLP c_fc / c_proj, attention out_proj) kaiming_uniform(a=sqrt 5), i.e. U(+-1/sqrt(fan_in)), their biases
+        U(+-1/sqrt(fan_in)); nn.MultiheadAttention's `_reset_parameters`: in_proj_weight, the same (3W, W) matrix as
+        our qkv.weight, xavier_uniform (U(+-sqrt(6 / 4W))), in_proj_bias and out_proj.bias zero; LayerNorms 1 / 0
+        (eps 1e-5 there: `norm_eps`). Registers (open_clip has none) are drawn like the class embedding."""
+        W = self.width
+        for param in (self.cls_token, self.pos_embed, self.reg_tokens):
+            if param is not None:
+                nn.init.normal_(param, std=W ** -0.5)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear, nn.LayerNorm)):
+                module.reset_parameters()  # PyTorch's defaults, as open_clip leaves them
+        for block in self.blocks:
+            nn.init.xavier_uniform_(block.attn.qkv.weight)  # (3W, W): fan_in W, fan_out 3W, as in_proj_weight
+            if block.attn.qkv.bias is not None:
+                nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.zeros_(block.attn.proj.bias)
 
     # ------------------------------------------------------------------ embedding
     def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
@@ -189,5 +215,6 @@ def vit_config_from(cfg, **extra) -> ViTConfig:
     """ViTConfig from the training config's `model.vision` section (a train.config.VisionConfig)."""
     return ViTConfig(size=cfg.size, patch_size=cfg.patch_size, image_size=cfg.image_size, drop_path=cfg.drop_path,
                      layer_scale=cfg.layer_scale, num_registers=cfg.num_registers, pre_norm=cfg.pre_norm,
-                     qkv_bias=cfg.qkv_bias, attn_backend=cfg.attn_backend, init=cfg.init, **extra)
+                     qkv_bias=cfg.qkv_bias, attn_backend=cfg.attn_backend, init=cfg.init, norm_eps=cfg.norm_eps,
+                     patch_bias=cfg.patch_bias, **extra)
 

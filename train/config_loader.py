@@ -219,7 +219,19 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), cls: typ
         cls, choices = PretrainConfig, CHOICES if choices is None else choices
     data = read_yaml_with_extends(path) if path else {}
     data = apply_overrides(data, overrides)
-    return from_dict(cls, data, choices=choices)
+    cfg = from_dict(cls, data, choices=choices)
+    check_combinations(cfg)
+    return cfg
+
+
+def check_combinations(cfg: Any) -> None:
+    """Settings that are valid one by one but not together (ConfigError at load time, before any model is built)."""
+    from train.deepspeed_config import check_clip_mode
+
+    try:
+        check_clip_mode(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Any) -> dict:

@@ -21,7 +21,18 @@ def resolve_batch(global_batch: int, micro_batch: int | None, world: int) -> tup
     return micro_batch, global_batch // (micro_batch * world)
 
 
+def check_clip_mode(cfg) -> None:
+    """DINO's per-parameter clipping reads each parameter's whole, all-reduced gradient between backward and step:
+    only ZeRO stage 0 keeps it there (stages 1-3 hold gradients in flat partitions inside the ZeRO optimizer)."""
+    optim = getattr(cfg, "optim", None)
+    if getattr(optim, "clip_mode", "global") == "per_param" and optim.grad_clip > 0 and cfg.deepspeed.zero_stage != 0:
+        raise ValueError(f"optim.clip_mode=per_param needs deepspeed.zero_stage=0 (got {cfg.deepspeed.zero_stage}: "
+                         "its gradients live in flat partitions); set deepspeed.zero_stage=0, or optim.clip_mode=global "
+                         "for one global-norm clip")
+
+
 def build_deepspeed_config(cfg, micro: int, accum: int, world: int, objective) -> dict[str, Any]:
+    check_clip_mode(cfg)
     stage = cfg.deepspeed.zero_stage
     if stage == 3 and hasattr(objective, "distill"):
         raise ValueError(f"deepspeed.zero_stage=3 is not supported for objective {cfg.objective.name}: its EMA teacher "
@@ -42,6 +53,6 @@ def build_deepspeed_config(cfg, micro: int, accum: int, world: int, objective) -
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if cfg.optim.grad_clip > 0:
-        config["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.optim.grad_clip > 0 and getattr(cfg.optim, "clip_mode", "global") == "global":
+        config["gradient_clipping"] = cfg.optim.grad_clip  # per_param: the trainer clips (train/optim.py)
     return config

@@ -27,7 +27,7 @@ from train.distributed import barrier, init_distributed, run_on_main
 from train.metrics import MetricsLogger
 from train.mfu import peak_flops, peak_memory_bytes
 from train.objectives.registry import objective_class
-from train.optim import build_adamw, lr_at, param_groups, weight_decay_at
+from train.optim import build_adamw, clip_gradients_per_param, lr_at, param_groups, steps_for, weight_decay_at
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,7 +46,8 @@ def resolve_steps(cfg: PretrainConfig, samples_per_epoch: int) -> tuple[int, int
         raise ValueError("set schedule.steps or schedule.epochs")
     if total < 1:
         raise ValueError(f"schedule gives {total} steps; need at least 1")
-    warmup = s.warmup_steps if s.warmup_steps is not None else int(s.warmup_epochs * steps_per_epoch)
+    warmup = (s.warmup_steps if s.warmup_steps is not None
+              else steps_for(s.warmup_samples, s.warmup_epochs, steps_per_epoch, s.global_batch))
     return total, min(warmup, total), steps_per_epoch
 
 
@@ -148,6 +149,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and dist.device.type == "cuda"
                 else contextlib.nullcontext())
     batches = iter(loader)
+    per_param_clip = getattr(cfg.optim, "clip_mode", "global") == "per_param" and cfg.optim.grad_clip > 0
     nonfinite_in_a_row = 0
     last_saved = start_step if resume_from is not None else -1
     try:
@@ -156,7 +158,9 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
             lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
             wd = weight_decay_at(step, total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
             for group in engine.optimizer.param_groups:
-                group["lr"] = lr * objective.lr_scale(group["name"], step)
+                scale = objective.lr_scale(group["name"], step)
+                group["lr"] = lr * scale
+                group["held"] = scale == 0.0  # left out of the step: Adam's state untouched (optim.skip_held_groups)
                 group["weight_decay"] = wd if group["apply_decay"] else 0.0
 
             data_wait, terms_sum, finite_step = 0.0, {}, True
@@ -173,6 +177,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
                 elif accum > 1:
                     engine.backward(_zero_loss(engine.module))  # keep DeepSpeed's micro-step bookkeeping intact
                 if finite or accum > 1:
+                    if per_param_clip and engine.is_gradient_accumulation_boundary():  # grads all-reduced (stage 0)
+                        clip_gradients_per_param(engine.module.parameters(), cfg.optim.grad_clip)
                     if not finite_step and engine.is_gradient_accumulation_boundary():
                         for group in engine.optimizer.param_groups:  # parameters stay unchanged this step
                             group["lr"] = 0.0

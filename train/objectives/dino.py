@@ -21,6 +21,7 @@ from models.flops import linear_flops, vit_forward_flops
 from models.vit import VisionTransformer, vit_config_from
 from train.losses.dino_loss import DINOLoss
 from train.objectives.base import Objective, cosine
+from train.optim import steps_for
 
 
 def multicrop_forward(backbone: nn.Module, head: nn.Module, crops: list[torch.Tensor]) -> torch.Tensor:
@@ -69,6 +70,11 @@ class DinoDistillation:
 
     def __init__(self, cfg, backbone: VisionTransformer, head: DINOHead, steps_per_epoch: int, total_steps: int):
         self.cfg, self.steps_per_epoch, self.total_steps = cfg.dino, steps_per_epoch, total_steps
+        d, batch = cfg.dino, cfg.schedule.global_batch  # lengths in samples seen win over lengths in epochs
+        self.teacher_temp_warmup_steps = steps_for(d.warmup_teacher_temp_samples, d.warmup_teacher_temp_epochs,
+                                                   steps_per_epoch, batch)
+        self.freeze_last_layer_steps = steps_for(d.freeze_last_layer_samples, d.freeze_last_layer_epochs,
+                                                 steps_per_epoch, batch)
         self.teacher = DinoStudent(copy.deepcopy(backbone), copy.deepcopy(head))  # same init as the student
         self.teacher.requires_grad_(False).eval()
         self.student_params = list(backbone.parameters()) + list(head.parameters())
@@ -77,7 +83,8 @@ class DinoDistillation:
                                 cfg.dino.center_momentum, cfg.loss.impl, deferred_center=True)
 
     def teacher_temp(self, step: int) -> float:
-        warmup = int(self.cfg.warmup_teacher_temp_epochs * self.steps_per_epoch)
+        """Linear per step from warmup_teacher_temp to teacher_temp (DINO steps it once per epoch)."""
+        warmup = self.teacher_temp_warmup_steps
         if step < warmup:
             return self.cfg.warmup_teacher_temp + (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp) * step / warmup
         return self.cfg.teacher_temp
@@ -110,7 +117,7 @@ class DinoDistillation:
         return {"metric/teacher_momentum": m}
 
     def freezes_last_layer(self, step: int) -> bool:
-        return step < int(self.cfg.freeze_last_layer_epochs * self.steps_per_epoch)
+        return step < self.freeze_last_layer_steps
 
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
@@ -151,6 +158,8 @@ class WithDinoTeacher:
         return "last_layer" if param_name.startswith("head.last_layer") else ""
 
     def lr_scale(self, group_name: str, step: int) -> float:
+        """0 holds the last layer during the freeze: the trainer then leaves its group out of the optimizer step
+        (no update, Adam's moments and step count untouched), as DINO's cancel_gradients_last_layer."""
         return 0.0 if group_name.startswith("last_layer") and self.distill.freezes_last_layer(step) else 1.0
 
     def to(self, device: torch.device):
@@ -176,6 +185,11 @@ class DinoObjective(WithDinoTeacher, Objective):
 
     def compute_loss(self, student: Callable, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         return self.distill.loss(student(batch.crops), batch.crops, step)
+
+    def no_weight_decay_names(self) -> set[str]:
+        """None by name: DINO's get_params_groups leaves out of weight decay only biases and 1-D parameters (which
+        param_groups always does), so pos_embed, cls_token (and registers) are decayed, unlike timm / open_clip."""
+        return set()
 
     def vision_tower(self) -> nn.Module:
         return self.student.backbone

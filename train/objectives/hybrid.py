@@ -3,6 +3,9 @@
 The backbone sees a clean CLIP view (open_clip's crop, paired with the caption) and DINO's
 multi-crop views; the text tower, projections and DINO head are trained jointly. The exported
 encoder is the student CLIP (its image tower is what the text side is aligned with).
+One optimizer: the CLIP run's settings and decay rule (`no_weight_decay_names`), DINO's per-parameter
+clipping in the ViT-B/16 preset; the DINO term's temperatures, teacher and freeze are the DINO run's
+(docs/recipes.md says which setting comes from which side, and why).
 """
 from __future__ import annotations
 
@@ -57,6 +60,11 @@ class HybridObjective(WithDinoTeacher, Objective):
                  "loss/clip": clip_terms["loss"].detach(), "loss/dino": dino_terms["loss"].detach()}
         terms.update({k: v for k, v in {**clip_terms, **dino_terms}.items() if k.startswith("metric/")})
         return terms
+
+    def no_weight_decay_names(self) -> set[str]:
+        """The CLIP run's decay rule for the CLIP part (one optimizer, CLIP's); the DINO head's weights are decayed
+        under DINO's rule and CLIP's alike, its biases never."""
+        return {f"clip.{n}" for n in self.contrastive.no_weight_decay_names()}
 
     def vision_tower(self) -> nn.Module:
         return self.student.clip.visual
