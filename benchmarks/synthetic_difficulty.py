@@ -2,7 +2,8 @@
 """How hard is each factor of the synthetic world? Two baselines that need no pretraining.
 
 1. a linear probe on raw pixels (32 px, z-scored) per factor: what a feature with no learning already gives;
-2. the micro ViT of the tiny configs trained *supervised* on one factor for a given number of steps: an upper
+2. a linear probe on the class token of the micro ViT at its random init (what the architecture gives unlearned);
+3. the micro ViT of the tiny configs trained *supervised* on one factor for a given number of steps: an upper
    bound on what a pretraining objective can reach on that factor with the demo's model and budget.
 
     python benchmarks/synthetic_difficulty.py --data data_cache/synthetic --factor shape --steps 620 \\
@@ -55,12 +56,21 @@ def fit_linear(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor
         return head(x_val).argmax(1)
 
 
+def random_init_features(images: torch.Tensor, init: str, patch_size: int) -> torch.Tensor:
+    """(N, W) class tokens of the micro ViT at its (seeded) random init."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(size="micro", patch_size=patch_size, image_size=images.shape[-1],
+                                      pre_norm=True, init=init)).eval()
+    with torch.no_grad():
+        return torch.cat([vit((chunk.float() / 255 - 0.5) / 0.25) for chunk in images.split(512)])
+
+
 def supervised_vit(images: torch.Tensor, labels: torch.Tensor, val_images: torch.Tensor, classes: int, steps: int,
-                   batch: int, init: str, log) -> torch.Tensor:
+                   batch: int, init: str, log, patch_size: int = 8) -> torch.Tensor:
     """The tiny configs' micro ViT/8 + a linear head, AdamW lr 1e-3 warm-up + cosine, flips; val predictions."""
     size = images.shape[-1]
     torch.manual_seed(0)
-    vit = VisionTransformer(ViTConfig(size="micro", patch_size=8, image_size=size, pre_norm=True, init=init))
+    vit = VisionTransformer(ViTConfig(size="micro", patch_size=patch_size, image_size=size, pre_norm=True, init=init))
     head = torch.nn.Linear(vit.width, classes)
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=620, help="supervised steps (0: skip the ViT)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--init", default="scaled", help="ViT init (trunc_normal | scaled)")
+    p.add_argument("--patch-size", type=int, default=8)
     args = p.parse_args(argv)
     if args.factor not in FACTOR_NAMES:
         raise SystemExit(f"--factor must be one of {', '.join(FACTOR_NAMES)}")
@@ -109,21 +120,27 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.data} is not a synthetic world (needs .json factor records)")
     train_x, train_f = load_split(data, "train")
     val_x, val_f = load_split(data, "val")
-    log(f"train {len(train_x)} / val {len(val_x)} images at {train_x.shape[-1]} px")
+    log(f"train {len(train_x)} / val {len(val_x)} images at {train_x.shape[-1]} px, world spec "
+        f"{data.world.get('spec', 'format-1 defaults')}")
     pixels_train = F.interpolate(train_x.float(), size=32, mode="area").flatten(1)  # (N, 3*32*32)
     pixels_val = F.interpolate(val_x.float(), size=32, mode="area").flatten(1)
-    log(f"{'factor':10s} {'classes':>7s} {'chance':>7s} {'pixel probe':>12s}")
+    init_train, init_val = (random_init_features(x, args.init, args.patch_size) for x in (train_x, val_x))
+    log(f"{'factor':10s} {'classes':>7s} {'chance':>7s} {'pixel probe':>12s} {'init ViT probe':>15s}")
     for f, name in enumerate(FACTOR_NAMES):
         classes = int(max(train_f[:, f].max(), val_f[:, f].max())) + 1
         chance = torch.bincount(val_f[:, f], minlength=classes).max().item() / len(val_f)
-        pred = fit_linear(pixels_train, train_f[:, f], pixels_val, classes)
-        log(f"{name:10s} {classes:7d} {100 * chance:6.1f}% {100 * (pred == val_f[:, f]).float().mean():11.1f}%")
+        pixel = fit_linear(pixels_train, train_f[:, f], pixels_val, classes)
+        init = fit_linear(init_train, train_f[:, f], init_val, classes)
+        log(f"{name:10s} {classes:7d} {100 * chance:6.1f}% {100 * (pixel == val_f[:, f]).float().mean():11.1f}% "
+            f"{100 * (init == val_f[:, f]).float().mean():14.1f}%")
     if args.steps:
         f = FACTOR_NAMES.index(args.factor)
         classes = int(max(train_f[:, f].max(), val_f[:, f].max())) + 1
-        log(f"supervised micro ViT/8 on {args.factor}: {args.steps} steps of {args.batch}, init {args.init}")
+        log(f"supervised micro ViT/{args.patch_size} on {args.factor}: {args.steps} steps of {args.batch}, "
+            f"init {args.init}")
         start = time.time()
-        pred = supervised_vit(train_x, train_f[:, f], val_x, classes, args.steps, args.batch, args.init, log)
+        pred = supervised_vit(train_x, train_f[:, f], val_x, classes, args.steps, args.batch, args.init, log,
+                              args.patch_size)
         log(f"supervised val top-1 on {args.factor}: {100 * (pred == val_f[:, f]).float().mean():.1f}% "
             f"({time.time() - start:.0f} s)")
     return 0

@@ -70,13 +70,53 @@ PLURALS = {"cross": "crosses"}
 SUPERSAMPLE = 2  # render at 2x and downsample for anti-aliased edges
 
 
+@dataclass(frozen=True)
+class WorldSpec:
+    """How hard the world is to see. The defaults are the original world (format 1); `world.json` records the
+    spec, and every sample is a pure function of (seed, split, index, spec). docs/data.md explains each knob."""
+    object_scale: float = 1.0  # multiplies SIZES' radius ranges (the size classes keep their order)
+    max_count: int = 3  # objects per image drawn from 1..max_count
+    styles: tuple[str, ...] = STYLES  # background styles drawn from: fewer = less clutter
+    max_rotation: float = 360.0  # rotation drawn from U(0, max_rotation) degrees
+    font_scale: float = 0.2  # the word's font size as a fraction of the image side (shrunk to fit the width)
+    min_glyph_px: float = 4.0  # the smallest font size, in output pixels, a word may be shrunk to (else an error)
+
+    def __post_init__(self):
+        checks = [(0.2 <= self.object_scale and SIZES["large"][1] * self.object_scale <= 0.45,
+                   f"object_scale must keep the largest radius within 0.45 of the side, got {self.object_scale}"),
+                  (self.max_count in COUNTS, f"max_count must be one of {COUNTS}, got {self.max_count}"),
+                  (bool(self.styles) and set(self.styles) <= set(STYLES),
+                   f"styles must be a non-empty subset of {STYLES}, got {self.styles}"),
+                  (0.0 <= self.max_rotation <= 360.0, f"max_rotation must be in [0, 360], got {self.max_rotation}"),
+                  (0.05 <= self.font_scale <= 0.5, f"font_scale must be in [0.05, 0.5], got {self.font_scale}"),
+                  (self.min_glyph_px > 0, f"min_glyph_px must be > 0, got {self.min_glyph_px}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        object.__setattr__(self, "styles", tuple(self.styles))
+
+    def size_range(self, size: str) -> tuple[float, float]:
+        low, high = SIZES[size]
+        return low * self.object_scale, high * self.object_scale
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "styles": list(self.styles)}
+
+    @classmethod
+    def from_json(cls, record: dict | None) -> "WorldSpec":
+        return cls(**{**(record or {}), "styles": tuple((record or {}).get("styles", STYLES))})
+
+
+DEFAULT_SPEC = WorldSpec()
+
+
 # ----------------------------------------------------------------------------- factors
 
-def sample_factors(rng: random.Random, word_prob: float = DEFAULT_WORD_PROB) -> dict:
+def sample_factors(rng: random.Random, word_prob: float = DEFAULT_WORD_PROB, spec: WorldSpec = DEFAULT_SPEC) -> dict:
     """Draw one factor dict; every value is JSON-serialisable and already rounded."""
     size = rng.choice(tuple(SIZES))
-    scale = round(rng.uniform(*SIZES[size]), 3)
-    count = rng.choice(COUNTS)
+    scale = round(rng.uniform(*spec.size_range(size)), 3)
+    count = rng.choice(COUNTS[: spec.max_count])
     position, *others = _sample_positions(rng, scale, count)
     lightness = rng.uniform(30, 225)
     background = [_clip(lightness + rng.uniform(-25, 25)) for _ in range(3)]
@@ -84,29 +124,29 @@ def sample_factors(rng: random.Random, word_prob: float = DEFAULT_WORD_PROB) -> 
     has_word = rng.random() < word_prob
     return {
         "shape": rng.choice(SHAPES), "word": rng.choice(WORDS) if has_word else None, "count": count,
-        "color": rng.choice(tuple(COLORS)), "style": rng.choice(STYLES), "size": size, "scale": scale,
-        "position": position, "other_positions": others, "rotation": round(rng.uniform(0, 360), 1),
+        "color": rng.choice(tuple(COLORS)), "style": rng.choice(spec.styles), "size": size, "scale": scale,
+        "position": position, "other_positions": others, "rotation": round(rng.uniform(0, spec.max_rotation), 1),
         "background": background, "background_alt": [_clip(c + delta) for c in background],
         "word_position": [round(rng.uniform(0.3, 0.7), 4), round(rng.uniform(0.15, 0.85), 4)],
         "render_seed": rng.getrandbits(32),
     }
 
 
-def vary_factor(factors: dict, factor: str, rng: random.Random) -> dict:
+def vary_factor(factors: dict, factor: str, rng: random.Random, spec: WorldSpec = DEFAULT_SPEC) -> dict:
     """Copy of `factors` with one factor changed; dependent fields (e.g. size -> scale) follow,
     everything else (render_seed included) is kept, so the pair differs in that factor only."""
     out = json.loads(json.dumps(factors))
     if factor in ("shape", "color", "style"):
-        vocab = {"shape": SHAPES, "color": tuple(COLORS), "style": STYLES}[factor]
+        vocab = {"shape": SHAPES, "color": tuple(COLORS), "style": spec.styles if len(spec.styles) > 1 else STYLES}[factor]
         out[factor] = rng.choice([v for v in vocab if v != factors[factor]])
     elif factor == "word":
         out["word"] = rng.choice([w for w in (*WORDS, None) if w != factors["word"]])
     elif factor == "count":
-        out["count"] = rng.choice([c for c in COUNTS if c != factors["count"]])
+        out["count"] = rng.choice([c for c in COUNTS[: max(spec.max_count, 2)] if c != factors["count"]])
         _, *out["other_positions"] = _sample_positions(rng, out["scale"], out["count"], out["position"])
     elif factor == "size":
         out["size"] = rng.choice([s for s in SIZES if s != factors["size"]])
-        out["scale"] = round(rng.uniform(*SIZES[out["size"]]), 3)
+        out["scale"] = round(rng.uniform(*spec.size_range(out["size"])), 3)
         limit = (out["scale"], 1 - out["scale"])
         out["position"], *out["other_positions"] = [
             [round(min(max(v, limit[0]), limit[1]), 4) for v in p]
@@ -114,7 +154,7 @@ def vary_factor(factors: dict, factor: str, rng: random.Random) -> dict:
     elif factor == "position":
         out["position"], *out["other_positions"] = _sample_positions(rng, out["scale"], out["count"])
     elif factor == "rotation":
-        out["rotation"] = round((factors["rotation"] + rng.uniform(30, 330)) % 360, 1)
+        out["rotation"] = round((factors["rotation"] + rng.uniform(30, 330)) % 360, 1)  # may leave max_rotation
     else:
         raise ValueError(f"unknown factor {factor!r}; expected one of {SEMANTIC_FACTORS + LOW_LEVEL_FACTORS}")
     return out
@@ -143,7 +183,7 @@ def _clip(value: float) -> int:
 
 # ----------------------------------------------------------------------------- rendering
 
-def render_image(factors: dict, image_size: int) -> Image.Image:
+def render_image(factors: dict, image_size: int, spec: WorldSpec = DEFAULT_SPEC) -> Image.Image:
     """Render the RGB image described by `factors` (deterministic; randomness via render_seed)."""
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
@@ -162,7 +202,7 @@ def render_image(factors: dict, image_size: int) -> Image.Image:
     image.paste(_contrast_color(color), mask=outline)
     image.paste(color, mask=mask)
     if factors.get("word"):
-        _draw_word(image, factors["word"], factors["word_position"], factors["background"])
+        _draw_word(image, factors["word"], factors["word_position"], factors["background"], spec)
     return image.reduce(SUPERSAMPLE)
 
 
@@ -265,23 +305,41 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _draw_word(image: Image.Image, word: str, position: list[float], background: list[int]) -> None:
-    """Draw `word` centred near `position`, kept inside the image, with a contrasting stroke."""
-    canvas = image.width
+def word_layout(word: str, position: list[float], canvas: int, spec: WorldSpec = DEFAULT_SPEC
+                ) -> tuple[int, int, tuple[int, int], tuple[int, int, int, int]]:
+    """(font size, stroke, text origin, drawn box) of `word` on a `canvas`-pixel (supersampled) image.
+
+    The font starts at `spec.font_scale` of the side and shrinks until the word spans at most 90% of the width;
+    a word that would need a font below `spec.min_glyph_px` output pixels is an error, not an illegible image.
+    The box (left, top, right, bottom, stroke included) lies inside the image with a 3% margin."""
     stroke = max(1, canvas // 48)
-    font_size = int(canvas * 0.2)
-    draw = ImageDraw.Draw(image)
+    font_size = int(canvas * spec.font_scale)
+    floor = math.ceil(spec.min_glyph_px * SUPERSAMPLE)
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
     while True:
         left, top, right, bottom = draw.textbbox((0, 0), word, font=_font(font_size), stroke_width=stroke)
-        if right - left <= 0.9 * canvas or font_size <= 8:
+        if right - left <= 0.9 * canvas:
             break
+        if font_size <= floor:
+            raise ValueError(f"the word {word!r} does not fit {canvas // SUPERSAMPLE} px at min_glyph_px="
+                             f"{spec.min_glyph_px}: lower font_scale / min_glyph_px or raise the image size")
         font_size -= 1
+    if font_size < floor:
+        raise ValueError(f"font_scale={spec.font_scale} gives {font_size / SUPERSAMPLE:.1f} px glyphs at "
+                         f"{canvas // SUPERSAMPLE} px, below min_glyph_px={spec.min_glyph_px}")
     width, height, margin = right - left, bottom - top, canvas * 0.03
-    x = min(max(position[0] * canvas - width / 2, margin), canvas - margin - width) - left
-    y = min(max(position[1] * canvas - height / 2, margin), canvas - margin - height) - top
+    x = round(min(max(position[0] * canvas - width / 2, margin), canvas - margin - width) - left)
+    y = round(min(max(position[1] * canvas - height / 2, margin), canvas - margin - height) - top)
+    return font_size, stroke, (x, y), (x + left, y + top, x + right, y + bottom)
+
+
+def _draw_word(image: Image.Image, word: str, position: list[float], background: list[int],
+               spec: WorldSpec = DEFAULT_SPEC) -> None:
+    """Draw `word` centred near `position`, kept inside the image, with a contrasting stroke."""
+    font_size, stroke, origin, _ = word_layout(word, position, image.width, spec)
     fill = (0, 0, 0) if _luminance(background) > 0.5 else (255, 255, 255)
-    draw.text((round(x), round(y)), word, font=_font(font_size), fill=fill,
-              stroke_width=stroke, stroke_fill=_contrast_color(fill))
+    ImageDraw.Draw(image).text(origin, word, font=_font(font_size), fill=fill, stroke_width=stroke,
+                               stroke_fill=_contrast_color(fill))
 
 
 # ----------------------------------------------------------------------------- captions
@@ -328,13 +386,14 @@ def sample_uid(seed: int, split: str, index: int) -> str:
 def make_sample(seed: int, split: str, index: int, image_size: int = 64,
                 word_prob: float = DEFAULT_WORD_PROB, color_prob: float = DEFAULT_COLOR_PROB,
                 style_prob: float = DEFAULT_STYLE_PROB,
-                word_caption_prob: float = WORD_CAPTION_PROB) -> tuple[Image.Image, str, dict]:
+                word_caption_prob: float = WORD_CAPTION_PROB,
+                spec: WorldSpec = DEFAULT_SPEC) -> tuple[Image.Image, str, dict]:
     """(image, caption, factors) for one sample; a pure function of the arguments."""
     factor_rng = random.Random(int.from_bytes(_derive(seed, split, index, "factors")[:8], "big"))
     caption_rng = random.Random(int.from_bytes(_derive(seed, split, index, "caption")[:8], "big"))
-    factors = sample_factors(factor_rng, word_prob)
+    factors = sample_factors(factor_rng, word_prob, spec)
     caption = make_caption(factors, caption_rng, color_prob, style_prob, word_caption_prob)
-    return render_image(factors, image_size), caption, factors
+    return render_image(factors, image_size, spec), caption, factors
 
 
 @dataclass(frozen=True)
@@ -347,6 +406,7 @@ class WorldConfig:
     color_prob: float
     style_prob: float
     word_caption_prob: float = WORD_CAPTION_PROB
+    spec: WorldSpec = DEFAULT_SPEC
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -366,7 +426,7 @@ def write_shard(config: WorldConfig, split: str, shard: int, start: int, stop: i
         for index in range(start, stop):
             image, caption, factors = make_sample(
                 config.seed, split, index, config.image_size, config.word_prob,
-                config.color_prob, config.style_prob, config.word_caption_prob)
+                config.color_prob, config.style_prob, config.word_caption_prob, config.spec)
             key = f"{index:09d}"
             record = {**factors, "uid": sample_uid(config.seed, split, index), "caption": caption,
                       "split": split, "index": index, "key": key,
@@ -401,7 +461,7 @@ def generate_world(out_dir: str | os.PathLike, samples: int, val_samples: int | 
                    shard_size: int = 1000, seed: int = 0, image_size: int = 64,
                    workers: int | None = None, word_prob: float = DEFAULT_WORD_PROB,
                    color_prob: float = DEFAULT_COLOR_PROB, style_prob: float = DEFAULT_STYLE_PROB,
-                   overwrite: bool = False, progress: bool = True) -> dict:
+                   overwrite: bool = False, progress: bool = True, spec: WorldSpec = DEFAULT_SPEC) -> dict:
     """Write train/val shards, sizes.json and world.json into `out_dir`; returns world.json content."""
     val_samples = max(samples // 10, 1) if val_samples is None else val_samples
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
@@ -416,7 +476,9 @@ def generate_world(out_dir: str | os.PathLike, samples: int, val_samples: int | 
     for path in ours:
         path.unlink()
 
-    config = WorldConfig(str(out), seed, image_size, word_prob, color_prob, style_prob)
+    for word in WORDS:  # an illegible word is a configuration error: say so before writing anything
+        word_layout(word, [0.5, 0.5], SUPERSAMPLE * image_size, spec)
+    config = WorldConfig(str(out), seed, image_size, word_prob, color_prob, style_prob, spec=spec)
     jobs = [(config, split, shard, start, min(start + shard_size, total))
             for split, total in (("train", samples), ("val", val_samples))
             for shard, start in enumerate(range(0, total, shard_size))]
@@ -432,7 +494,7 @@ def generate_world(out_dir: str | os.PathLike, samples: int, val_samples: int | 
     world = {
         "format_version": FORMAT_VERSION, "generator": "data.synthetic", "seed": seed,
         "image_size": image_size, "samples": {"train": samples, "val": val_samples},
-        "shard_size": shard_size, "factors": FACTORS,
+        "shard_size": shard_size, "factors": FACTORS, "spec": spec.to_json(),
         "shards": {split: [n for n in sizes if n.startswith(split + "-")] for split in SPLITS},
         "vocabularies": {"shapes": list(SHAPES), "words": list(WORDS), "styles": list(STYLES),
                          "colors": {k: list(v) for k, v in COLORS.items()}, "counts": list(COUNTS),
@@ -466,13 +528,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--word-prob", type=float, default=DEFAULT_WORD_PROB, help="chance an image shows a word")
     parser.add_argument("--caption-color-prob", type=float, default=DEFAULT_COLOR_PROB)
     parser.add_argument("--caption-style-prob", type=float, default=DEFAULT_STYLE_PROB)
+    defaults = WorldSpec()
+    parser.add_argument("--object-scale", type=float, default=defaults.object_scale, help="object radius multiplier")
+    parser.add_argument("--max-count", type=int, default=defaults.max_count, help="objects per image: 1..N")
+    parser.add_argument("--styles", default=",".join(defaults.styles), help="background styles drawn from")
+    parser.add_argument("--max-rotation", type=float, default=defaults.max_rotation, help="degrees")
+    parser.add_argument("--font-scale", type=float, default=defaults.font_scale, help="word font size / side")
+    parser.add_argument("--min-glyph-px", type=float, default=defaults.min_glyph_px,
+                        help="smallest font size in output pixels (a word needing less is an error)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
     args = parser.parse_args(argv)
     try:
+        spec = WorldSpec(args.object_scale, args.max_count, tuple(s for s in args.styles.split(",") if s),
+                         args.max_rotation, args.font_scale, args.min_glyph_px)
         world = generate_world(args.out, args.samples, args.val_samples, args.shard_size, args.seed,
                                args.image_size, args.workers, args.word_prob, args.caption_color_prob,
                                args.caption_style_prob, overwrite=args.overwrite,
-                               progress=sys.stderr.isatty())
+                               progress=sys.stderr.isatty(), spec=spec)
     except (ValueError, FileExistsError) as error:
         raise SystemExit(f"{parser.prog}: error: {error}") from None
     print(f"wrote {world['samples']['train']} train + {world['samples']['val']} val samples "

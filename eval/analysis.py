@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from data.synthetic import render_image
+from data.synthetic import WorldSpec, render_image
 from eval import plots
 from eval.context import EvalContext, LoadedModel
 from eval.data import read_images, read_records
@@ -49,14 +49,15 @@ def _controlled(ctx: EvalContext, random_sim: dict[str, float]) -> tuple[dict[st
     s, data = ctx.settings, ctx.data
     records = read_records(data.shards("val"))
     size = int((data.world or {}).get("image_size", 64))
-    pairs = controlled_pairs(records, FACTOR_NAMES, s.pairs_per_factor, s.seed)
-    base_images = [render_image(b, size) for _, b, _ in pairs]
-    varied_images = [render_image(v, size) for _, _, v in pairs]
+    spec = WorldSpec.from_json((data.world or {}).get("spec"))
+    pairs = controlled_pairs(records, FACTOR_NAMES, s.pairs_per_factor, s.seed, spec)
+    base_images = [render_image(b, size, spec) for _, b, _ in pairs]
+    varied_images = [render_image(v, size, spec) for _, _, v in pairs]
     rng = random.Random(s.seed + 1)
     base = rng.choice(records)
     showcase = [("base", base)] + [(describe_change(base, v, f), v) for f in FACTOR_NAMES
-                                   for v in [controlled_pairs([base], (f,), 1, s.seed + 2)[0][2]]]
-    show_images = [render_image(f, size) for _, f in showcase]
+                                   for v in [controlled_pairs([base], (f,), 1, s.seed + 2, spec)[0][2]]]
+    show_images = [render_image(f, size, spec) for _, f in showcase]
     per_model, matrices = {}, {}
     for model in ctx.models():
         zb = normalized(encode_pil(model.module, model.kind, base_images, model.extract)[0])

@@ -82,14 +82,15 @@ def zero_shot_prompts(factor: str) -> Optional[dict[str, list[str]]]:
 
 
 # ----------------------------------------------------------------------------- controlled pairs
-def controlled_pairs(records: list[dict[str, Any]], factors: tuple[str, ...], pairs_per_factor: int, seed: int
-                     ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """[(factor, base factors, varied factors)]: `pairs_per_factor` bases drawn from `records` per factor."""
+def controlled_pairs(records: list[dict[str, Any]], factors: tuple[str, ...], pairs_per_factor: int, seed: int,
+                     spec: syn.WorldSpec = syn.DEFAULT_SPEC) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """[(factor, base factors, varied factors)]: `pairs_per_factor` bases drawn from `records` per factor,
+    varied within the world's spec (world.json)."""
     rng = random.Random(seed)
     out = []
     for factor in factors:
         for base in rng.sample(records, min(pairs_per_factor, len(records))):
-            out.append((factor, base, syn.vary_factor(base, factor, rng)))
+            out.append((factor, base, syn.vary_factor(base, factor, rng, spec)))
     return out
 
 
