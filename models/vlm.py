@@ -2,7 +2,7 @@
 `LlavaForConditionalGeneration` whose tower is the native vision model our encoder maps onto
 (`models/convert/to_hf.py`: `clip_vision_model` for the pre-norm ViT, `vit` / `dinov2` otherwise).
 
-    model, processor = build_llava("runs/tiny_clip/export/step_0000248", "tiny-llama", template="vicuna_v1")
+    model, processor = build_llava("runs/tiny_clip/export/step_0000300", "tiny-llama", template="vicuna_v1")
     model.save_pretrained(out); processor.save_pretrained(out)       # loads with stock transformers
 
 Projector from a string (LLaVA's `mm_projector_type`): `mlp2x_gelu` = Linear, GELU, Linear (transformers'

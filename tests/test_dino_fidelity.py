@@ -304,8 +304,8 @@ def test_lengths_in_samples_convert_with_the_global_batch():
 def test_lengths_in_epochs_unchanged():
     from train.trainer import resolve_steps
 
-    cfg = load_config(CONFIGS / "tiny_dino.yaml")  # 4000 samples, batch 64: 62 steps per epoch, warm-up 0.5 epoch
-    assert resolve_steps(cfg, 4000) == (248, 31, 62)
+    cfg = load_config(CONFIGS / "tiny_dino.yaml")  # 16000 samples, batch 64: 250 steps per epoch, 1.2 epochs
+    assert resolve_steps(cfg, 16000) == (300, 25, 250)  # warm-up 0.1 epoch
     cfg = tiny_dino("dino.freeze_last_layer_epochs=1.5", "dino.warmup_teacher_temp_epochs=0.5",
                     "dino.teacher_temp=0.07")
     distill = build_objective(cfg, 62, 248).distill
