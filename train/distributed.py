@@ -50,12 +50,17 @@ def _slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
 
 
+_PICKED_PORT = "CLIPDINO_PICKED_PORT"  # set when we chose MASTER_PORT ourselves (a world of one)
+
+
 def prepare_environment() -> None:
     """Environment variables every launcher path needs; safe to call more than once."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _slurm_env()
     if "RANK" not in os.environ:  # plain `python launch/pretrain.py`: a world of one
+        if "MASTER_PORT" not in os.environ:
+            os.environ[_PICKED_PORT] = "1"
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -66,7 +71,16 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    for attempt in range(5):
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+            break
+        except torch.distributed.DistNetworkError:
+            # the free port we picked was taken between picking and binding (another process on the machine):
+            # pick again; a port the user or a launcher chose is theirs, so that error stands
+            if not os.environ.get(_PICKED_PORT) or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
