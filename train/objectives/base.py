@@ -113,7 +113,8 @@ class Objective(ABC):
         """Called on every rank instead of `after_step` when a non-finite loss skipped the update."""
 
     def lr_scale(self, group_name: str, step: int) -> float:
-        """Per-group LR multiplier (DINO holds its last layer at 0 during the first epoch)."""
+        """Per-group LR multiplier. 0 holds the group: the trainer leaves it out of that optimizer step, so its
+        weights and Adam state stay untouched (DINO's last-layer freeze; train/optim.py skip_held_groups)."""
         return 1.0
 
     def no_weight_decay_names(self) -> set[str]:
