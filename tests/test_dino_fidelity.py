@@ -231,9 +231,9 @@ def test_dino_decay_groups_are_dinos_get_params_groups():
     assert {"backbone.pos_embed", "backbone.cls_token", "backbone.reg_tokens"} <= {names[i] for i in decayed}
 
 
-def test_hybrid_keeps_clips_decay_groups():
+def test_hybrid_keeps_clips_decay_groups(tiny_world, tmp_path):
     """One optimizer, CLIP's: the CLIP run's decay rule for the CLIP part; the DINO head's weights are decayed."""
-    cfg = load_config(CONFIGS / "tiny_hybrid.yaml", TINY_OVERRIDES)
+    cfg = load_config(CONFIGS / "tiny_hybrid.yaml", tiny_overrides(tiny_world, tmp_path))
     hybrid = build_objective(cfg, 10, 10)
     groups = param_groups(hybrid.student, 0.2, hybrid.no_weight_decay_names(), hybrid.group_of)
     names = {id(p): n for n, p in hybrid.student.named_parameters()}
