@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) launch/demo.py
+	$(PY) launch/reproduce.py --preset tiny --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

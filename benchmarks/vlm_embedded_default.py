@@ -2,8 +2,8 @@
 """The VLM stage's embedded default on CPU, per encoder: stage 1 + stage 2 (SmolLM2-135M-Instruct, the synthetic
 instruction data) and the synthetic VMCBench, timed. Writes a markdown table and the runs' results.
 
-    python benchmarks/vlm_embedded_default.py --encoder clip=runs/demo/clip/export/step_0000300 \
-        --encoder dino=runs/demo/dino/export/step_0000300 --out runs/vlm_demo \
+    python benchmarks/vlm_embedded_default.py --encoder clip=runs/demo/pretrain/clip_s0/export/step_0000300 \
+        --encoder dino=runs/demo/pretrain/dino_s0/export/step_0000300 --out runs/vlm_demo \
         --table benchmarks/results/vlm_embedded_default_cpu.md
 """
 from __future__ import annotations

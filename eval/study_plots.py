@@ -70,3 +70,25 @@ def delta_bars(deltas: dict[str, tuple[float, Optional[float]]], path: Path) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def loss_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Optional[Path]:
+    """panels: title -> run label -> [(step, loss)]; one panel per title (pretraining, VLM stage 1, stage 2)."""
+    panels = {t: runs for t, runs in panels.items() if any(runs.values())}
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels.items()):
+        for label, points in runs.items():
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from eval.study_plots import bar_groups, delta_bars
+from eval.study_plots import bar_groups, delta_bars, loss_curves
 
 GROUPS = ("General", "Reasoning", "OCR", "Doc&Chart")
 # The paper's figures (study-facts.md: from the paper's summary, not checked against its body)
@@ -62,6 +62,7 @@ def write_report(out: Path, preset: dict, notes: str = "") -> Path:
     if notes:
         lines += ["## What this run shows and what it cannot", "", notes.strip(), ""]
     lines += _stage_section(records)
+    lines += _training_section(out, records, report)
     evals = {v: [load_json(out / r["name"] / "results.json") for r in records
                  if r["kind"] == "eval" and r["variant"] == v] for v in variants}
     evals = {v: [e for e in es if e] for v, es in evals.items()}
@@ -89,6 +90,43 @@ def _stage_section(records: list[dict]) -> list[str]:
         seconds = f"{r['seconds']:.0f} s" if r.get("seconds") else "-"
         lines.append(f"| {r['name']} | {status} | {seconds} | `{r.get('log', '-')}` |")
     return lines + [""]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = []
+    try:
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    except OSError:
+        pass
+    return rows
+
+
+def _training_section(out: Path, records: list[dict], report: Path) -> list[str]:
+    kinds = {"pretrain": "pretraining", "vlm_stage1": "VLM stage 1", "vlm_stage2": "VLM stage 2"}
+    panels: dict[str, dict] = {title: {} for title in kinds.values()}
+    lines = ["## Training", "", "| run | steps | samples seen | loss first → last | median samples/s | median MFU |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        if r["kind"] not in kinds:
+            continue
+        rows = [row for row in _metrics(out / r["name"]) if isinstance(row.get("loss"), (int, float))]
+        if not rows:
+            continue
+        panels[kinds[r["kind"]]][r["name"].split("/", 1)[1]] = [(row["step"], row["loss"]) for row in rows]
+        speed = statistics.median(row.get("samples_per_s") or 0 for row in rows)
+        mfus = [row["mfu"] for row in rows if isinstance(row.get("mfu"), (int, float))]
+        mfu = f"{100 * statistics.median(mfus):.0f}%" if mfus else "-"
+        lines.append(f"| {r['name']} | {rows[-1]['step']} | {rows[-1].get('samples_seen', 0):,} | "
+                     f"{rows[0]['loss']:.3f} → {rows[-1]['loss']:.3f} | {speed:.1f} | {mfu} |")
+    if len(lines) == 4:
+        return []
+    loss_curves(panels, report / "losses.png")
+    return lines + ["", "MFU against the device's peak as the trainer logs it (on a CPU: a measured fp32 GEMM).", "",
+                    "![losses](losses.png)", ""]
 
 
 def _probe_section(evals: dict[str, list[dict]], report: Path) -> list[str]:

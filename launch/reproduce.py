@@ -28,7 +28,7 @@ from typing import Optional
 from _bootstrap import OneLineParser  # noqa: F401  (and the repo root first on sys.path)
 
 import study_plan  # noqa: E402
-from study_plan import ROOT, PlanError, load_preset, make_plan  # noqa: E402
+from study_plan import ROOT, TRAINING_KINDS, PlanError, load_preset, make_plan  # noqa: E402
 from study_runner import Interrupted, StudyRunner, fmt_s, print_summary  # noqa: E402
 
 
@@ -98,7 +98,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _print_plan(stages, out: Path, preset: dict) -> int:
     total = sum(s.estimate_s for s in stages)
-    print(f"preset {preset['name']}: {len(stages)} stages, estimated {fmt_s(total)} (estimates_s in the preset)")
+    gpus = int(preset.get("gpus") or 0)
+    gpu_hours = sum(s.estimate_s * (gpus if s.kind in TRAINING_KINDS else 1) for s in stages) / 3600 if gpus else 0
+    print(f"preset {preset['name']}: {len(stages)} stages, estimated {fmt_s(total)} one after another"
+          + (f", {gpu_hours:,.0f} GPU-hours ({gpus} GPUs per training stage, 1 per eval)" if gpus else "")
+          + " (the preset's estimates_s: where they come from is written there)")
     for i, stage in enumerate(stages):
         try:
             cmd = shlex.join(stage.command(out))

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = ROOT / "launch" / "configs" / "study"
 VARIANTS = ("clip", "siglip", "dino", "clip_frozen_text", "hybrid")
 PRESET_KEYS = {"description", "variants", "seeds", "launcher", "pretrain", "released", "eval", "compare", "vlm",
-               "vmcbench", "estimates_s", "paths", "notes"}
+               "vmcbench", "estimates_s", "paths", "notes", "gpus"}
 TRAINING_KINDS = ("pretrain", "vlm_stage1", "vlm_stage2")
 
 

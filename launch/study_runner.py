@@ -124,14 +124,18 @@ class StudyRunner:
             return
         fp = fingerprint(argv, self.out)
         record = read_record(stage, self.out)
-        if record.get("status") == "done" and record.get("fingerprint") == fp:
+        rebuilt = [d for d in stage.deps if self.status.get(d) == "done"]  # inputs made again in this invocation
+        if record.get("status") == "done" and record.get("fingerprint") == fp and not rebuilt:
             self.status[stage.name] = "skipped"
             self.records[stage.name] = record
             self.log(f"{tag}: done earlier in {fmt_s(record.get('seconds', 0))} (skipped)")
             return
         folder = stage.folder(self.out)
-        if record.get("fingerprint") not in (None, fp) and folder.exists():
-            self.log(f"{tag}: its command changed since it ran: starting it over")
+        if record and folder.exists() and (record.get("fingerprint") != fp or
+                                           (rebuilt and record.get("status") == "done")):
+            why = ("its command changed since it ran" if record.get("fingerprint") != fp
+                   else f"its input {', '.join(rebuilt)} was made again")
+            self.log(f"{tag}: {why}: starting it over")
             shutil.rmtree(folder)
         elif record.get("status") in ("running", "interrupted", "failed") and stage.kind in TRAINING_KINDS:
             ckpts = sorted(p for p in (folder / "checkpoints").glob("step_*") if (p / CHECKPOINT_MARKER).is_file())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the LLaVA-1.5 stage (encoder export -> projector -> causal LM) with the pretraining trainer.
 
-    python launch/train_vlm.py --config launch/configs/vlm/tiny_stage1.yaml model.vision=runs/demo/clip/export/step_0000300
+    python launch/train_vlm.py --config launch/configs/vlm/tiny_stage1.yaml model.vision=runs/demo/pretrain/clip_s0/export/step_0000300
     python launch/train_vlm.py --config launch/configs/vlm/tiny_stage2.yaml model.vision=EXPORT \
         model.projector_from=runs/vlm_stage1
     deepspeed --num_gpus 8 launch/train_vlm.py --config launch/configs/vlm/llava15_vicuna7b_stage2.yaml ...

@@ -102,13 +102,13 @@ def test_study_end_to_end_with_kill_resume_and_a_failing_variant(tiny_world, vlm
     assert study["vlm2/siglip"]["status"] == "blocked"
 
     report = (out / "report" / "report.md").read_text()
-    for section in ("## Stages", "## Encoder probes", "## Factor sensitivity", "## CLIP / DINO disagreement",
+    for section in ("## Stages", "## Training", "## Encoder probes", "## Factor sensitivity", "## CLIP / DINO disagreement",
                     "## VMCBench", "## CLIP − DINO, ours beside the paper's", "## What differed between the pretraining",
                     "## What this run shows and what it cannot"):
         assert section in report, section
     assert "**failed**" in report and "### clip vs dino:" in report
     assert "Identical in every run: `model.vision.size`" in report
-    for png in ("probes.png", "factor_probe.png", "factor_sensitivity.png", "vmcbench_groups.png", "deltas.png",
+    for png in ("losses.png", "probes.png", "factor_probe.png", "factor_sensitivity.png", "vmcbench_groups.png", "deltas.png",
                 "clip_vs_dino_s0_embedding_disagreement_pairs.png"):
         assert (out / "report" / png).stat().st_size > 1000, png
     vmc = json.loads((out / "vmcbench" / "clip" / "results.json").read_text())
@@ -145,3 +145,69 @@ def test_runner_knows_the_checkpoint_marker():
     import study_runner
 
     assert study_runner.CHECKPOINT_MARKER == MARKER
+
+
+def test_released_preset_converts_and_probes_local_encoders(tiny_world, tmp_path):
+    """The released preset on stand-ins for the paper's checkpoints: a CLIPVisionModel and a ViTModel saved as
+    local folders (no hub), converted by the existing converters, then probed (VLM stages off for the test)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))
+    dino = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+        layer_norm_eps=1e-6), add_pooling_layer=False)
+    clip.save_pretrained(tmp_path / "clip_hf")
+    dino.save_pretrained(tmp_path / "dino_hf")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RELEASED_CLIP": str(tmp_path / "clip_hf"),
+           "RELEASED_DINO": str(tmp_path / "dino_hf"), "IMAGENET_SHARDS": str(tiny_world)}
+    args = ["--set", "vlm=null", "--set", f"eval.args={json.dumps(EVAL_FAST)}", "--set", "compare.args=[--no-cache]"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), "--preset", "released", "--out",
+                           str(tmp_path / "study"), "--poll", "1", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    study = {s["name"]: s["status"] for s in json.loads((tmp_path / "study" / "study.json").read_text())["stages"]}
+    assert study == {"source/clip": "done", "source/dino": "done", "eval/clip_s0": "done", "eval/dino_s0": "done",
+                     "compare/clip_vs_dino_s0": "done"}
+    for variant in ("clip", "dino"):
+        config = json.loads((tmp_path / "study" / "source" / variant / "export" / "config.json").read_text())
+        assert config["vision"]["width"] == 32
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    assert "| clip | 1 |" in report and "| dino | 1 |" in report
+
+
+def test_runner_skips_reruns_and_invalidates_dependents(tmp_path):
+    """The runner alone, on stages that are one-line programs: skip what is done, rerun a changed stage from scratch
+    and everything downstream of it, block what depends on a failure, run the rest."""
+    sys.path.insert(0, str(REPO / "launch"))
+    from study_plan import Stage
+    from study_runner import StudyRunner
+
+    def writer(name: str, text: str, fail: bool = False):
+        code = f"import pathlib,sys; pathlib.Path({str(tmp_path / 'out' / name)!r}, 'f.txt').write_text({text!r})"
+        return lambda out: [sys.executable, "-c", code + ("; sys.exit(3)" if fail else "")]
+
+    def plan(a_text: str, c_fails: bool):
+        return [Stage("a/x", "eval", "x", 0, [], writer("a/x", a_text)),
+                Stage("b/x", "eval", "x", 0, ["a/x"], writer("b/x", "b")),
+                Stage("c/y", "eval", "y", 0, [], writer("c/y", "c", fail=c_fails)),
+                Stage("d/y", "eval", "y", 0, ["c/y"], writer("d/y", "d"))]
+
+    def run(stages):
+        for name in ("a/x", "b/x", "c/y", "d/y"):
+            (tmp_path / "out" / name).mkdir(parents=True, exist_ok=True)
+        lines = []
+        status = StudyRunner(stages, tmp_path / "out", log=lines.append, poll_s=5).run()
+        return status, "\n".join(lines)
+
+    status, text = run(plan("a1", c_fails=True))
+    assert status == {"a/x": "done", "b/x": "done", "c/y": "failed", "d/y": "blocked"}, text
+    assert "c/y: FAILED (exit 3)" in text and "d/y: blocked by c/y" in text
+    status, text = run(plan("a1", c_fails=False))
+    assert status == {"a/x": "skipped", "b/x": "skipped", "c/y": "done", "d/y": "done"}, text
+    status, text = run(plan("a2", c_fails=False))  # a's command changed: a and b again, c and d skipped
+    assert status == {"a/x": "done", "b/x": "done", "c/y": "skipped", "d/y": "skipped"}, text
+    assert "a/x: its command changed since it ran" in text and "b/x: its input a/x was made again: starting it over" in text
+    assert (tmp_path / "out" / "a" / "x" / "f.txt").read_text() == "a2"
