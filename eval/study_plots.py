@@ -37,8 +37,12 @@ def bar_groups(data: dict[str, dict[str, list[float]]], path: Path, ylabel: str,
         ax.bar(xs, means, width, yerr=errs if any(errs) else None, capsize=3, label=variant)
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance {chance:.1f}")
-    ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels(metrics, rotation=30 if len(metrics) > 4 else 0, ha="right" if len(metrics) > 4 else "center")
+    return _finish_bars(plt, fig, ax, metrics, ylabel, title, path, tilt=len(metrics) > 4)
+
+
+def _finish_bars(plt, fig, ax, names: list[str], ylabel: str, title: str, path: Path, tilt: bool) -> Path:
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
@@ -60,16 +64,7 @@ def delta_bars(deltas: dict[str, tuple[float, Optional[float]]], path: Path) -> 
     if paper:
         ax.bar([p[0] for p in paper], [p[1] for p in paper], 0.4, label="paper")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=30, ha="right")
-    ax.set_ylabel("CLIP − DINO (points)")
-    ax.set_title("CLIP minus DINO")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish_bars(plt, fig, ax, names, "CLIP − DINO (points)", "CLIP minus DINO", path, tilt=True)
 
 
 def loss_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Optional[Path]:

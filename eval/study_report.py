@@ -138,14 +138,16 @@ def _probe_section(evals: dict[str, list[dict]], report: Path) -> list[str]:
     chance = f"; chance {100 / classes:.1f}%" if classes else ""
     lines += [f"Top-1 (%) on `{first['data'].get('root')}`, label `{label}` ({classes} classes{chance}); mean ± std "
               "over seeds (one seed: the value alone). Linear probe: " + _probe_protocol(first) + ".", "",
-              "| variant | seeds | linear probe | kNN | zero-shot |", "|---|---|---|---|---|"]
+              ]
+    columns = {"linear probe": "linear_probe/top1", "kNN": "knn/top1", "zero-shot": "zero_shot/top1"}
+    values = {v: {c: [e["summary"][k] for e in es if k in e["summary"]] for c, k in columns.items()}
+              for v, es in evals.items()}
+    shown = [c for c in columns if any(values[v][c] for v in values)]
+    lines += ["| variant | seeds | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
     bars = {}
     for v, es in evals.items():
-        lp = [e["summary"]["linear_probe/top1"] for e in es if "linear_probe/top1" in e["summary"]]
-        kn = [e["summary"]["knn/top1"] for e in es if "knn/top1" in e["summary"]]
-        zs = [e["summary"]["zero_shot/top1"] for e in es if "zero_shot/top1" in e["summary"]]
-        lines.append(f"| {v} | {len(es)} | {mean_std(lp)} | {mean_std(kn)} | {mean_std(zs)} |")
-        bars[v] = {"linear probe": lp, "kNN": kn}
+        lines.append(f"| {v} | {len(es)} | " + " | ".join(mean_std(values[v][c]) for c in shown) + " |")
+        bars[v] = {c: values[v][c] for c in shown}
     bar_groups(bars, report / "probes.png", "top-1 (%)", f"Encoder probes ({label})",
                chance=100 / classes if classes else None)
     return lines + ["", "![probes](probes.png)", ""]

@@ -202,8 +202,9 @@ class StudyRunner:
             left = elapsed / step * (steps - step)  # includes start-up in the rate: errs long
             what = f"step {step}/{steps} ({100 * step / steps:.0f}%), stage ETA {fmt_s(left)}"
         else:
-            left = max(0.0, stage.estimate_s * self._scale() - elapsed)
-            what = f"running, estimated {fmt_s(left)} left"
+            expected = stage.estimate_s * self._scale()
+            left = max(0.0, expected - elapsed)
+            what = f"running, estimated {fmt_s(left)} left" if left > 0 else f"running past its estimate ({fmt_s(expected)})"
         return f"{tag}: {what}, {fmt_s(elapsed)} elapsed; overall ETA {fmt_s(left + self._remaining_after(index))}"
 
     def _stop_child(self) -> None:
