@@ -92,14 +92,24 @@ class LayerScale(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample."""
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    Under torch.compile (train/compile.py) the rate is read from a tensor, not the Python float: every block of a
+    tower has its own rate, and a float would be a constant of the graph (one compile per block instead of one)."""
 
     def __init__(self, prob: float):
         super().__init__()
         self.prob = prob
+        self.register_buffer("keep_prob", torch.tensor(1.0 - prob), persistent=False)  # not in the state_dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prob == 0.0 or not self.training:
+        if not self.training:
+            return x
+        if torch.compiler.is_compiling():  # inductor's RNG: not eager's masks, the same distribution
+            keep = self.keep_prob
+            mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+            return x * mask.to(x.dtype) / keep.to(x.dtype)
+        if self.prob == 0.0:
             return x
         keep = 1.0 - self.prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)

@@ -1,5 +1,5 @@
-"""The trainer in-process (1 rank): non-finite losses, crashes during a checkpoint save, non-finite weights
-never reaching a checkpoint, wandb modes."""
+"""The trainer in-process (1 rank): non-finite losses and gradients (and one 2-rank run: a NaN on one rank only),
+crashes during a checkpoint save, non-finite weights never reaching a checkpoint, wandb modes."""
 import pytest
 import torch
 
@@ -18,14 +18,29 @@ def config(world, run_dir, *extra):
     return load_config(CONFIG, tiny_overrides(world, run_dir, "data.workers=1", *extra))
 
 
+def optimizer_state(engine) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the optimizer's state, in order: Adam's moments and step counts (ZeRO's wrapped AdamW too)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return [(k, v.detach().clone()) for state in inner.state.values() for k, v in state.items() if torch.is_tensor(v)]
+
+
+def same(a: list, b: list) -> bool:
+    """Two snapshots (lists of tensors, or of (name, tensor)) hold the same tensors, bitwise."""
+    unpack = lambda x: x if torch.is_tensor(x) else x[1]  # noqa: E731
+    return (len(a) == len(b) and all(torch.is_tensor(x) or x[0] == y[0] for x, y in zip(a, b))
+            and all(torch.equal(unpack(x), unpack(y)) for x, y in zip(a, b)))
+
+
 @pytest.fixture
 def nan_at(monkeypatch):
-    """Make the loss NaN at the given 0-based steps (or micro-step calls), recording the weights seen at each call."""
-    calls = {"steps": set(), "calls": set(), "snapshots": [], "n": 0}
+    """Make the loss NaN at the given 0-based steps (or micro-step calls), recording the weights and the optimizer
+    state seen at each call."""
+    calls = {"steps": set(), "calls": set(), "snapshots": [], "adam": [], "n": 0}
     original = ContrastiveObjective.compute_loss
 
     def compute_loss(self, student, batch, step):
         calls["snapshots"].append([p.detach().clone() for p in self.student.parameters()])
+        calls["adam"].append(optimizer_state(student))  # student: the DeepSpeed engine
         terms = original(self, student, batch, step)
         if step in calls["steps"] or calls["n"] in calls["calls"]:
             terms["loss"] = terms["loss"] * float("nan")
@@ -56,6 +71,117 @@ def test_skip_with_gradient_accumulation(tiny_world, tmp_path, nan_at):
     assert [r["skipped_update"] for r in rows] == [False, False, True, False] and summary["nonfinite_total"] == 1
     snaps = nan_at["snapshots"]  # one per micro-batch
     assert all(torch.equal(a, b) for a, b in zip(snaps[4], snaps[6]))  # weights before and after step 3 agree
+
+
+@pytest.mark.parametrize("zero_stage,micro_batch,bad_calls", [(0, 16, {2}), (0, 8, {4}), (0, 8, {5}), (2, 16, {2}),
+                                                           (2, 8, {5})])
+def test_a_skipped_step_leaves_weights_and_adam_state_untouched(tiny_world, tmp_path, nan_at, zero_stage, micro_batch,
+                                                               bad_calls):
+    """The device-side flag, read once per step: a NaN in any micro-batch of step 3 (1 or 2 micro-batches a step,
+    ZeRO 0 and 2) holds every parameter group, so the step changes no weight, no Adam moment, no step count (with
+    accumulation the old LR-0 step moved the moments)."""
+    nan_at["calls"] = bad_calls
+    accum = 16 // micro_batch
+    summary = train(config(tiny_world, tmp_path, "schedule.steps=4", f"schedule.micro_batch={micro_batch}",
+                           "checkpoint.every=0", f"deepspeed.zero_stage={zero_stage}"))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["skipped_update"] for r in rows] == [False, False, True, False] and summary["nonfinite_total"] == 1
+    snaps, adam = nan_at["snapshots"], nan_at["adam"]  # one per micro-batch, before its forward
+    before, after = 2 * accum, 3 * accum  # the first micro-batch of step 3 and of step 4
+    assert same(snaps[before], snaps[after]) and same(adam[before], adam[after])
+    assert not same(adam[accum], adam[before]) and not same(snaps[accum], snaps[before])  # a good step does move them
+    steps = [float(v) for k, v in adam[after] if k == "step"]  # AdamW's per-parameter (ZeRO: per-group) counts
+    assert steps and set(steps) == {2.0}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nonfinite_gradients_of_a_finite_loss_are_skipped(tiny_world, tmp_path, monkeypatch, capsys, zero_stage):
+    """ZeRO 0: the trainer's gradient check (in the same sync); ZeRO 1-3: DeepSpeed's own gradient-norm check, which
+    skips the update itself; either way the step is counted as skipped, its weights and Adam state untouched."""
+    original = ContrastiveObjective.compute_loss
+    seen = []
+
+    def compute_loss(self, student, batch, step):
+        seen.append(([p.detach().clone() for p in self.student.parameters()], optimizer_state(student)))
+        terms = original(self, student, batch, step)
+        if step == 1:  # sqrt at 0: the loss gains exactly 0 (stays finite), the gradient is inf * 0 = NaN
+            terms["loss"] = terms["loss"] + torch.sqrt(self.student.visual.cls_token.sum() * 0.0)
+        return terms
+
+    monkeypatch.setattr(ContrastiveObjective, "compute_loss", compute_loss)
+    summary = train(config(tiny_world, tmp_path, "schedule.steps=3", "checkpoint.every=1",
+                           f"deepspeed.zero_stage={zero_stage}"))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["skipped_update"] for r in rows] == [False, True, False] and summary["nonfinite_total"] == 1
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert "non-finite gradients at step 2" in capsys.readouterr().out
+    assert same(seen[1][0], seen[2][0]) and same(seen[1][1], seen[2][1])
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step_0000001", "step_0000003"]
+
+
+NAN_ON_RANK_1 = """
+import os, runpy, sys
+sys.path.insert(0, {launch!r})
+from train.distributed import prepare_environment
+prepare_environment()
+from train.objectives.contrastive import ContrastiveObjective
+original = ContrastiveObjective.compute_loss
+def compute_loss(self, student, batch, step):
+    terms = original(self, student, batch, step)
+    if step == 2 and os.environ.get("RANK") == "1":
+        terms["loss"] = terms["loss"] * float("nan")
+    return terms
+ContrastiveObjective.compute_loss = compute_loss
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def _tensors(obj, path=""):
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            yield from _tensors(x, f"{path}/{i}")
+
+
+@pytest.mark.distributed
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_world, tmp_path):
+    """2 DeepSpeed CPU ranks at ZeRO-2, a NaN loss on rank 1 only at step 3: both ranks hold the step, and the
+    checkpoint written after it (schedule.stop_after saves a skipped step) has every weight and every rank's
+    optimizer partition (moments, step counts) equal to the one before it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+    from test_train_e2e import free_port
+
+    wrapper = tmp_path / "nan_on_rank_1.py"
+    wrapper.write_text(NAN_ON_RANK_1.format(launch=str(REPO / "launch"), script=str(REPO / "launch" / "pretrain.py")))
+    run = tmp_path / "run"
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(wrapper), "--config", str(REPO / CONFIG),
+           *tiny_overrides(tiny_world, run, "data.workers=1", "schedule.steps=4", "schedule.stop_after=3",
+                           "checkpoint.every=1", "deepspeed.zero_stage=2")]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    assert "non-finite loss at step 3 on at least one rank" in out.stdout
+    assert [r["skipped_update"] for r in read_jsonl(run / "metrics.jsonl")] == [False, False, True]
+    a, b = run / "checkpoints" / "step_0000002", run / "checkpoints" / "step_0000003"
+    files = sorted(p.name for p in a.glob("*_states.pt"))
+    assert any("optim_states" in f for f in files) and files == sorted(p.name for p in b.glob("*_states.pt"))
+    for name in files:
+        ta = list(_tensors(torch.load(a / name, map_location="cpu", weights_only=False)))
+        tb = list(_tensors(torch.load(b / name, map_location="cpu", weights_only=False)))
+        assert ta and [k for k, _ in ta] == [k for k, _ in tb], name
+        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(ta, tb)), name
 
 
 def test_stop_after_on_a_skipped_step_still_saves(tiny_world, tmp_path, nan_at):

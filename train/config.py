@@ -74,6 +74,7 @@ class ModelConfig:
     dino_head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
     embed_dim: int = 512  # joint image-text embedding width (CLIP / SigLIP)
     init_from: str = ""  # an export folder (ours or converted): its vision tower initialises the student (not on resume)
+    compile: bool = False  # torch.compile each transformer block in place (train/compile.py; CPU: needs g++)
 
 
 @dataclass

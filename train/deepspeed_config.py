@@ -52,6 +52,9 @@ def build_deepspeed_config(cfg, micro: int, accum: int, world: int, objective) -
         "bf16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and every engine.step() (on by
+        # default); the trainer measures its own step time (docs/architecture.md, "Host syncs per step")
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.optim.grad_clip > 0 and getattr(cfg.optim, "clip_mode", "global") == "global":
         config["gradient_clipping"] = cfg.optim.grad_clip  # per_param: the trainer clips (train/optim.py)

@@ -5,7 +5,14 @@
 Per optimizer step: set LR / weight decay per group, run `grad_accum` micro-batches
 (forward under bf16 autocast on GPU, fp32 on CPU; backward through the engine), step, let the
 objective update its own state (EMA teacher), log, and checkpoint + export every
-`checkpoint.every` steps. Non-finite losses are detected on all ranks together and skipped or halt.
+`checkpoint.every` steps. Batches reach the device through `DevicePrefetcher` (train/prefetch.py).
+
+Non-finite losses (and gradients) are detected on all ranks together, on the device: each micro-batch adds
+`!isfinite(loss)` to a device-side count, and at the accumulation boundary that count (plus, at ZeRO 0, a
+gradient-finiteness flag, and the loss terms on a logged step) is all-reduced and copied to the host once: the
+loop's one host sync per optimizer step (docs/architecture.md, "Host syncs per step"). A bad step marks every
+parameter group held, so `engine.step()` leaves weights and Adam state exactly as they were; then it is skipped
+(counted, no after_step, no checkpoint) or halts the run.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import numpy as np
 import torch
 
 from train import checkpoint as ckpt
+from train.compile import compile_blocks
 from train.config import PretrainConfig
 from train.config_loader import save_config, to_dict
 from train.deepspeed_config import build_deepspeed_config, resolve_batch
@@ -28,6 +36,7 @@ from train.metrics import MetricsLogger
 from train.mfu import peak_flops, peak_memory_bytes
 from train.objectives.registry import objective_class
 from train.optim import build_adamw, clip_gradients_per_param, lr_at, param_groups, steps_for, weight_decay_at
+from train.prefetch import DevicePrefetcher
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,6 +90,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
     if getattr(cfg.model, "init_from", "") and resume_from is None:  # a resumed run's checkpoint wins
         objective.init_vision_from(cfg.model.init_from)
     objective.configure_grad_checkpointing()
+    compile_blocks(objective, dist.device.type)  # model.compile=true: torch.compile per transformer block
     objective.to(dist.device)
     groups = param_groups(objective.student, cfg.optim.weight_decay, objective.no_weight_decay_names(),
                           objective.group_of)
@@ -135,7 +145,7 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
     def save(step: int) -> None:
         client = {"step": step, "samples_seen": samples_seen, "nonfinite_total": nonfinite_total,
                   "objective": objective.state_dict()}
-        rank_state = {"rng": ckpt.rng_state(), "data": loader.state_dict()}
+        rank_state = {"rng": ckpt.rng_state(), "data": batches.state_dict()}  # refuses if a batch is held ahead
         folder = ckpt.save_checkpoint(engine, run_dir / "checkpoints", step, dist.rank, client, rank_state,
                                       cfg.checkpoint.keep, objective.checkpoint_frozen)
         if cfg.checkpoint.export:
@@ -148,13 +158,19 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
     # ---------------------------------------------------------------- loop
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and dist.device.type == "cuda"
                 else contextlib.nullcontext())
-    batches = iter(loader)
+    batches = DevicePrefetcher(loader, dist.device)
     per_param_clip = getattr(cfg.optim, "clip_mode", "global") == "per_param" and cfg.optim.grad_clip > 0
+    check_grads = engine.zero_optimization_stage() == 0  # ZeRO 1-3 reject a non-finite gradient norm in step()
     nonfinite_in_a_row = 0
     last_saved = start_step if resume_from is not None else -1
     try:
         for step in range(start_step, total_steps):
             t_step = time.perf_counter()
+            done = step + 1
+            logged = done % cfg.logging.every == 0 or done == total_steps
+            stopping = done == cfg.schedule.stop_after and done < total_steps
+            may_save = (stopping or done == total_steps
+                        or bool(cfg.checkpoint.every and done % cfg.checkpoint.every == 0))
             lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
             wd = weight_decay_at(step, total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
             for group in engine.optimizer.param_groups:
@@ -163,28 +179,31 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
                 group["held"] = scale == 0.0  # left out of the step: Adam's state untouched (optim.skip_held_groups)
                 group["weight_decay"] = wd if group["apply_decay"] else 0.0
 
-            data_wait, terms_sum, finite_step = 0.0, {}, True
-            for _ in range(accum):
-                t0 = time.perf_counter()
-                batch = next(batches).to(dist.device)
-                data_wait += time.perf_counter() - t0
+            batches.reset_wait()
+            terms_sum: dict[str, torch.Tensor] = {}
+            bad_losses = torch.zeros((), device=dist.device)  # non-finite losses this step, counted on the device
+            health = (0.0, 0.0, {})
+            for micro_step in range(accum):
+                # nothing held ahead across a possible checkpoint: the saved data position is exact
+                batch = batches.next(ahead=not (micro_step == accum - 1 and may_save))
                 with autocast:
                     terms = objective.compute_loss(engine, batch, step)
-                finite = _all_ranks_finite(terms["loss"])
-                finite_step &= finite
-                if finite:
-                    engine.backward(terms["loss"])
-                elif accum > 1:
-                    engine.backward(_zero_loss(engine.module))  # keep DeepSpeed's micro-step bookkeeping intact
-                if finite or accum > 1:
-                    if per_param_clip and engine.is_gradient_accumulation_boundary():  # grads all-reduced (stage 0)
-                        clip_gradients_per_param(engine.module.parameters(), cfg.optim.grad_clip)
-                    if not finite_step and engine.is_gradient_accumulation_boundary():
-                        for group in engine.optimizer.param_groups:  # parameters stay unchanged this step
-                            group["lr"] = 0.0
-                    engine.step()
+                bad_losses += (~torch.isfinite(terms["loss"].detach())).float()
+                engine.backward(terms["loss"])  # always: the bookkeeping stays DeepSpeed's; a bad step is held below
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float()
+                if engine.is_gradient_accumulation_boundary():
+                    if per_param_clip:  # grads all-reduced (stage 0)
+                        clip_gradients_per_param(engine.module.parameters(), cfg.optim.grad_clip)
+                    bad_grads = _nonfinite_grads(engine.module) if check_grads else None
+                    health = _step_health(bad_losses, bad_grads, terms_sum if logged else {}, accum, dist)
+                    if health[0] or health[1]:
+                        for group in engine.optimizer.param_groups:  # weights, moments and step counts untouched
+                            group["held"] = True
+                engine.step()
+            bad_loss, bad_grad, values = health[0] > 0, health[1] > 0, health[2]
+            bad_grad = bad_grad or (not bad_loss and not engine.was_step_applied())  # ZeRO 1-3: its own norm check
+            finite_step = not (bad_loss or bad_grad)
             samples_seen += cfg.schedule.global_batch
 
             if finite_step:
@@ -195,8 +214,8 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
                 nonfinite_total += 1
                 nonfinite_in_a_row += 1
                 after = {}
-                message = (f"non-finite loss at step {step + 1} on at least one rank "
-                           f"({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
+                message = (f"non-finite {'loss' if bad_loss else 'gradients'} at step {step + 1} on at least one "
+                           f"rank ({nonfinite_in_a_row} in a row, {nonfinite_total} in total)")
                 if cfg.nonfinite == "halt":
                     raise NonFiniteLossError(message + "; nonfinite=halt. The last good checkpoint is kept.")
                 if nonfinite_in_a_row >= cfg.nonfinite_patience:
@@ -204,14 +223,13 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
                                              "(nonfinite_patience). The last good checkpoint is kept.")
                 logger.write(f"[clipdino] {message}: update skipped")
 
-            step_time = time.perf_counter() - t_step
-            done = step + 1
-            if done % cfg.logging.every == 0 or done == total_steps:
-                row = _metrics_row(done, terms_sum, accum, lr, wd, step_time, data_wait, cfg.schedule.global_batch,
-                                   objective, peak, dist, samples_seen, after, not finite_step, nonfinite_total)
+            step_time = time.perf_counter() - t_step  # host time; with one sync per step it tracks the device's
+            if logged:
+                row = _metrics_row(done, values, accum, lr, wd, step_time, batches.wait_s(),
+                                   cfg.schedule.global_batch, objective, peak, dist, samples_seen, after,
+                                   not finite_step, nonfinite_total)
                 row["data/skipped"] = sum(loader.skipped.values())
                 logger.log(row)
-            stopping = done == cfg.schedule.stop_after and done < total_steps
             # a skipped step left the weights as they were: stopping still saves them (nothing since the last save is lost)
             if (finite_step and cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or stopping:
                 save(done)
@@ -235,28 +253,36 @@ def train(cfg: PretrainConfig) -> dict[str, Any]:  # or a VLMConfig (train/vlm_c
             "nonfinite_total": nonfinite_total, "data_skipped": dict(loader.skipped)}
 
 
-def _all_ranks_finite(loss: torch.Tensor) -> bool:
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+def _nonfinite_grads(module: torch.nn.Module) -> torch.Tensor:
+    """1.0 if any gradient holds inf / NaN (ZeRO 0: whole, all-reduced gradients in `p.grad`), on the device."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(module.parameters()).device)
+    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
 
 
-def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
-    return sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
-
-
-def _metrics_row(step, terms_sum, accum, lr, wd, step_time, data_wait, global_batch, objective, peak, dist,
-                 samples_seen, after, skipped, nonfinite_total) -> dict[str, Any]:
-    """Loss terms: the mean over micro-batches and ranks; "count/..." terms: the sum (tokens of the step)."""
+def _step_health(bad_losses: torch.Tensor, bad_grads: torch.Tensor | None, terms_sum: dict[str, torch.Tensor],
+                 accum: int, dist) -> tuple[float, float, dict[str, float]]:
+    """The step's one host sync: (non-finite losses, non-finite gradients, loss terms) summed over ranks and copied
+    to the host together. Terms only on logged steps: the mean over micro-batches and ranks."""
     keys = sorted(terms_sum)
-    values = torch.stack([(terms_sum[k] / accum).detach().float().to(dist.device) for k in keys])  # (terms,)
+    flags = torch.stack([bad_losses.float(), bad_grads.float() if bad_grads is not None else torch.zeros_like(
+        bad_losses, dtype=torch.float32)])  # (2,)
+    packed = torch.cat([flags] + [(terms_sum[k] / accum).detach().float().reshape(1).to(flags.device)
+                                  for k in keys])  # (2 + terms,)
     if torch.distributed.is_initialized() and dist.world > 1:
-        torch.distributed.all_reduce(values)
-        values = values / dist.world
-    values = values.cpu()  # the one host sync of the row
+        torch.distributed.all_reduce(packed)
+        packed[2:] /= dist.world
+    values = packed.tolist()  # the sync
+    return values[0], values[1], dict(zip(keys, values[2:]))
+
+
+def _metrics_row(step, values, accum, lr, wd, step_time, data_wait, global_batch, objective, peak, dist,
+                 samples_seen, after, skipped, nonfinite_total) -> dict[str, Any]:
+    """Loss terms (`values`, from `_step_health`): the mean over micro-batches and ranks; "count/..." terms: the sum
+    (tokens of the step)."""
     row: dict[str, Any] = {"step": step}
-    row.update({k: float(v) * (accum * dist.world if k.startswith("count/") else 1) for k, v in zip(keys, values)})
+    row.update({k: v * (accum * dist.world if k.startswith("count/") else 1) for k, v in values.items()})
     counts = {k: v for k, v in row.items() if k.startswith("count/")}
     samples_per_s = global_batch / step_time
     achieved = objective.flops_per_step(counts, global_batch) / step_time / dist.world  # per device
@@ -270,4 +296,3 @@ def _metrics_row(step, terms_sum, accum, lr, wd, step_time, data_wait, global_ba
                 "samples_seen": samples_seen, "skipped_update": skipped, "nonfinite_total": nonfinite_total})
     row.update({k: float(v) for k, v in after.items()})
     return row
-

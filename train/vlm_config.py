@@ -23,6 +23,7 @@ class VLMModelConfig:
     train: str = "projector"  # projector (stage 1) | projector,llm (stage 2) | projector,llm,vision
     vision_lr: Optional[float] = None  # LR of the tower when `train` includes vision (None: optim.lr)
     grad_checkpointing: bool = False  # on the LLM (and the tower when it trains)
+    compile: bool = False  # torch.compile each LLM decoder layer and tower layer in place (train/compile.py)
     attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | flash_attention_2 (LLaVA's, needs flash-attn) | eager
     export_dtype: str = "float32"  # weights of export/step_*: float32 | bfloat16 (LLaVA's checkpoints; half the size).
     # Training always keeps fp32 parameters and optimizer state in DeepSpeed; bf16 runs as autocast on GPU.

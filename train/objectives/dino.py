@@ -105,7 +105,9 @@ class DinoDistillation:
             loss = self.loss_fn(student_logits, teacher_logits, temp)
         else:
             loss = self.loss_fn(student_logits.float(), teacher_logits.float(), temp)
-        return {"loss": loss, "metric/teacher_temp": torch.tensor(temp, device=loss.device), "metric/teacher_entropy": entropy}
+        # torch.full, not torch.tensor(temp, device=...): that copies from pageable memory and syncs the stream
+        return {"loss": loss, "metric/teacher_temp": torch.full((), temp, device=loss.device),
+                "metric/teacher_entropy": entropy}
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> dict[str, float]:

@@ -44,22 +44,27 @@ class LlavaTrainingStep(nn.Module):
         features = torch.stack(list(features.pooler_output))  # (B, N, D): every image, dummies included
         embeds = model.get_input_embeddings()(input_ids)  # (B, T, D)
         image_positions = input_ids == config.image_token_id  # (B, T)
-        real = features[has_image]  # (B_img, N, D)
-        if int(image_positions.sum()) != real.shape[0] * real.shape[1]:
-            raise ValueError(f"{int(image_positions.sum())} image tokens for {real.shape[0]} images of "
-                             f"{real.shape[1]} features: the batch and the model's image_seq_length disagree")
-        embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), real.to(embeds.dtype))
+        # No host syncs here but one (below): the real images' features go first, in batch order (a stable sort,
+        # where features[has_image] would sync for its size), and masked_scatter takes as many as there are image
+        # tokens. data/conversation.py gives each image exactly N tokens; checked on the device, asynchronously.
+        n = features.shape[1]
+        torch._assert_async(image_positions.sum() == has_image.sum() * n,
+                            f"image tokens != images x {n} features: the batch and the model's image_seq_length "
+                            "disagree")
+        order = torch.argsort((~has_image).to(torch.uint8), stable=True)  # (B,): images first, then text-only
+        embeds = embeds.masked_scatter(image_positions.unsqueeze(-1), features[order].to(embeds.dtype))
         hidden = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                       use_cache=False).last_hidden_state
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = targets != IGNORE_INDEX  # (B, T-1)
-        # the head only where a label is: the same loss as logits everywhere, without a (B, T, V) tensor
-        logits = self.llava.lm_head(hidden[:, :-1][keep])  # (S, V), S = supervised tokens
+        keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+        # the head only where a label is: the same loss as logits everywhere, without a (B, T, V) tensor. The number
+        # of supervised tokens S sizes the gather: the step's one data-dependent host sync
+        rows, cols = keep.nonzero(as_tuple=True)  # (S,) each, row-major: the order of hidden[:, :-1][keep]
+        logits = self.llava.lm_head(hidden[rows, cols])  # (S, V)
         supervised = keep.sum()
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / supervised.clamp(min=1)
-        dummies = features[~has_image]
-        if dummies.numel():  # in the graph with weight 0: every rank runs (and reduces) the same parameters
-            loss = loss + 0.0 * dummies.sum()
+        loss = F.cross_entropy(logits.float(), labels[rows, cols + 1], reduction="sum") / supervised.clamp(min=1)
+        # every image's features in the graph with weight 0 (exactly +0 to the loss and the gradients): a text-only
+        # sample's dummy tower run too, so every rank runs (and reduces) the same parameters
+        loss = loss + 0.0 * features.sum()
         return loss, supervised
 
 
@@ -136,7 +141,7 @@ class VLMObjective(Objective):
         lengths = batch.attention_mask.sum(1).float()  # (B,)
         return {"loss": loss, "count/tokens": supervised.float(), "count/input_tokens": lengths.sum(),
                 "count/token_sq": (lengths * lengths).sum(),
-                "count/samples": torch.tensor(float(len(batch)), device=lengths.device)}
+                "count/samples": torch.full((), float(len(batch)), device=lengths.device)}  # no H2D copy + sync
 
     def configure_grad_checkpointing(self) -> None:
         if self.cfg.model.grad_checkpointing:
