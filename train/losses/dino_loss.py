@@ -57,9 +57,13 @@ class DINOLoss(nn.Module):
             )
             self.update_center_from_sum(batch_sum, teacher_logits.shape[0])
             return loss
-        loss = self._loss_fn(
-            student_logits, teacher_logits, self.center, self.student_temp, teacher_temp, self.n_global_crops
-        )
+        # Autocast off: the reference sums q * log p over K in fp32, as DINO's loss does under its fp16 autocast
+        # (an elementwise product and a sum); left on, the einsum would run as a bf16 bmm (inputs rounded to bf16).
+        with torch.autocast(student_logits.device.type, enabled=False):
+            loss = self._loss_fn(
+                _at_least_fp32(student_logits), _at_least_fp32(teacher_logits), self.center, self.student_temp,
+                teacher_temp, self.n_global_crops,
+            )
         self.update_center(teacher_logits)
         return loss
 
@@ -99,3 +103,7 @@ class DINOLoss(nn.Module):
             f"out_dim={self.out_dim}, n_global_crops={self.n_global_crops}, "
             f"student_temp={self.student_temp}, center_momentum={self.center_momentum}, impl={self.impl!r}"
         )
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp64 (tests) stays fp64

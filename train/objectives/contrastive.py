@@ -103,9 +103,20 @@ def clip_no_weight_decay_names(model: CLIP, prefix: str = "") -> set[str]:
     return {prefix + n for n in names}
 
 
+def autocast_operand(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the autocast dtype when autocast is on (the dtype torch's own `image @ text.T` would use), else as is.
+
+    The features come out of F.normalize, which CUDA autocast runs in fp32 (`norm` is on its fp32 list): handed
+    over as they are, the fused kernels would multiply fp32 tiles without tensor cores (`input_precision="ieee"`)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def contrastive_loss_terms(loss_fn, out: dict[str, torch.Tensor], sigmoid: bool) -> dict[str, torch.Tensor]:
     native = getattr(loss_fn, "native_dtype", False)  # the fused kernels read bf16 features without an fp32 copy
-    image, text = ((out["image_features"], out["text_features"]) if native
+    image, text = ((autocast_operand(out["image_features"]), autocast_operand(out["text_features"])) if native
                    else (out["image_features"].float(), out["text_features"].float()))  # (B, E) each
     scale = out["logit_scale"].float()
     if sigmoid:
