@@ -6,6 +6,7 @@
     python launch/bench.py loss  ...        (loss kernels: time and memory)
     python launch/bench.py eval  ...        (evaluation harness: feature extraction, probe time)
     python launch/bench.py vlm   --llm tiny-llama --vision tiny --json out.json   (VLM stage-2 step vs transformers)
+    python launch/bench.py all   --preset cpu --out DIR   (every one of them, one markdown table: bench_all.py)
 
 Each module defines `add_parser(subparsers)`; its parser sets `func(args) -> exit code` and
 optionally `check(parser, args)` for argument validation. Results go to stdout and, with
@@ -21,7 +22,7 @@ from typing import Optional
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-SUBCOMMANDS = ("train", "data", "loss", "eval", "vlm")
+SUBCOMMANDS = ("train", "data", "loss", "eval", "vlm", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
