@@ -301,14 +301,15 @@ def _config_section(out: Path, records: list[dict]) -> list[str]:
         base = load_config(out / runs[0]["name"] / "config.yaml")
         differing: set[str] = set()
         for r in runs[1:]:
-            rows = diff_configs(base, load_config(out / r["name"] / "config.yaml"))
+            rows = [row for row in diff_configs(base, load_config(out / r["name"] / "config.yaml"))
+                    if not row[0].startswith("run.")]  # the run's name and folder differ by construction
             differing |= {k for k, _, _ in rows}
             other = [row for row in rows if not row[0].startswith(RECIPE_PREFIXES)]
             lines += [f"### {runs[0]['variant']} vs {r['variant']}: {len(rows)} keys differ, "
                       + ("all of them the objective's recipe" if not other
                          else f"**{len(other)} outside the recipe**: {', '.join(k for k, _, _ in other)}"), "",
                       "| key | " + runs[0]["variant"] + " | " + r["variant"] + " |", "|---|---|---|"]
-            lines += [f"| `{k}` | `{a!r}` | `{b!r}` |" for k, a, b in rows if not k.startswith("run.")]
+            lines += [f"| `{k}` | `{a!r}` | `{b!r}` |" for k, a, b in rows]
             lines.append("")
         control = ["model.vision.size", "model.vision.patch_size", "model.vision.image_size", "model.vision.pre_norm",
                    "data.train", "schedule.global_batch", "schedule.steps", "schedule.epochs"]
