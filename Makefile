@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all clean gpu-wheels
 
 install: $(STAMP)
 
@@ -31,3 +31,10 @@ test-all: $(STAMP)
 
 clean:
 	rm -rf runs/demo data_cache/synthetic_demo
+
+# The wheelhouse benchmarks/gpu_suite.sh installs offline on a bare GPU machine (docs/gpu_suite.md): the GPU machine's
+# CPython 3.12 by default (capped at 60 MiB); PLATFORM=local: this machine's python3, plus what the GPU image ships.
+WHEELHOUSE ?= wheelhouse
+PLATFORM   ?= gpu
+gpu-wheels:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_wheels.sh --platform $(PLATFORM) --out $(WHEELHOUSE)

@@ -3,12 +3,22 @@
 
     python launch/bench.py train --model vit_b16 --objective clip --batch 8 --vs open_clip --json out.json
     python launch/bench.py train --model vit_b16 --objective dino --batch 4 [--local-crops 10] [key=value ...]
+    python launch/bench.py train --model vit_s16 --objective clip --batch 8 --vs open_clip --compile --engine both
+    python launch/bench.py train --model vit_b16 --objective clip --batch auto --batch-candidates 1024,768,512 --vs open_clip
 
 Times OUR train step in one process on the current device: `objective.compute_loss` on
 synthetic tensors (under bf16 autocast on CUDA by default), backward, gradient clipping, torch
-AdamW with the trainer's parameter groups, `objective.after_step` (DINO's EMA). No DeepSpeed engine
-(deepspeed is never imported). `--vs open_clip` times open_clip's own model, loss and optimizer
-(as in its training/main.py) on the same inputs, alternating the two step by step.
+AdamW with the trainer's parameter groups, `objective.after_step` (DINO's EMA). With the default
+`--engine torch` there is no DeepSpeed engine (deepspeed is never imported); `--engine deepspeed`
+steps the same objective through the trainer's own engine (deepspeed.initialize with
+train/deepspeed_config.py's config, ZeRO stage as configured: deepspeed.zero_stage=N), `--engine both`
+times both. `--vs open_clip` times open_clip's own model, loss and optimizer (as in its
+training/main.py) on the same inputs. `--compile` adds the compiled variant of every side: ours with
+torch.compile per transformer block (model.compile=true, train/compile.py), open_clip with
+torch.compile(model) (its --torchcompile). All sides alternate step by step after their warm-ups.
+`--batch auto` first probes our eager step at each of `--batch-candidates`, largest first (build, two steps), and
+times the largest that neither runs out of memory nor peaks above `--mem-fraction` of the GPU's memory (on a CPU:
+the largest that runs); the report's `batch_search` says what each try gave.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ from typing import Any, Callable, Optional
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 import torch
 
+DEFAULT_BATCH_CANDIDATES = (1024, 768, 512, 384, 256, 128, 64, 32, 16, 8)  # --batch auto
 VOCAB_SIZE, EOT_ID = 49408, 49407  # open_clip's BPE vocabulary; the end-of-text id is the largest
 
 
@@ -64,6 +75,7 @@ class Side:
     params: int
     resident_bytes: int = 0  # parameters + optimizer state (+ teacher) on the GPU
     times: list[float] = field(default_factory=list)
+    first_step: float = 0.0  # the first warm-up step (a compiled side compiles there)
     activation_peak: int = 0  # max over timed steps of (peak allocated - allocated at the step's start)
     counter: int = 0
 
@@ -151,7 +163,9 @@ def peak_rss_bytes() -> int:
 
 
 # ----------------------------------------------------------------------------- the two train steps
-def build_our_side(cfg, batch_size: int, device: torch.device, precision: str) -> tuple[Side, Any]:
+def build_our_side(cfg, batch_size: int, device: torch.device, precision: str, engine: str = "torch",
+                   compiled: bool = False) -> tuple[Side, Any]:
+    from bench_train_engine import build_deepspeed_step, compile_our_blocks, our_name
     from train.objectives.registry import build_objective
     from train.optim import build_adamw, param_groups
 
@@ -161,14 +175,22 @@ def build_our_side(cfg, batch_size: int, device: torch.device, precision: str) -
         objective = build_objective(cfg, steps_per_epoch, total_steps=10 * steps_per_epoch)
     if cfg.model.vision.grad_checkpointing:
         objective.student.set_grad_checkpointing(True)
+    stage = cfg.deepspeed.zero_stage
+    if compiled:  # as the trainer: after gradient checkpointing, before the engine
+        compile_our_blocks(objective, device, zero3=engine == "deepspeed" and stage == 3)
     objective.to(device)
     student = objective.student.train()
+    name, params = our_name(engine, stage, compiled), sum(p.numel() for p in student.parameters())
+    first_step = 2 * steps_per_epoch  # past DINO's frozen last layer and teacher-temperature warm-up
+    if engine == "deepspeed":
+        batch = synthetic_batch(cfg, batch_size, device, cfg.seed)
+        step, _ = build_deepspeed_step(cfg, objective, batch, device, autocast_for(precision, device), first_step)
+        return Side(name, step, params), objective
     groups = param_groups(student, cfg.optim.weight_decay, objective.no_weight_decay_names(), objective.group_of)
     optimizer = build_adamw(groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps)
     trained = [p for g in groups for p in g["params"]]
     batch = synthetic_batch(cfg, batch_size, device, cfg.seed)
     autocast, clip = autocast_for(precision, device), cfg.optim.grad_clip
-    first_step = 2 * steps_per_epoch  # past DINO's frozen last layer and teacher-temperature warm-up
 
     def step(i: int) -> None:
         i += first_step
@@ -183,11 +205,13 @@ def build_our_side(cfg, batch_size: int, device: torch.device, precision: str) -
         optimizer.zero_grad(set_to_none=True)
         objective.after_step(i)
 
-    return Side("ours", step, sum(p.numel() for p in student.parameters())), objective
+    return Side(name, step, params), objective
 
 
-def build_open_clip_side(cfg, model_name: str, batch_size: int, device: torch.device, precision: str) -> Side:
-    """open_clip's model, loss, optimizer groups and step, as its training/main.py + train.py do them."""
+def build_open_clip_side(cfg, model_name: str, batch_size: int, device: torch.device, precision: str,
+                         compiled: bool = False) -> Side:
+    """open_clip's model, loss, optimizer groups and step, as its training/main.py + train.py do them
+    (`compiled`: its --torchcompile, the whole model under torch.compile)."""
     import open_clip
     from open_clip.loss import ClipLoss, SigLipLoss
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -217,10 +241,15 @@ def build_open_clip_side(cfg, model_name: str, batch_size: int, device: torch.de
         lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     batch = synthetic_batch(cfg, batch_size, device, cfg.seed)  # the same tensors as ours
     autocast, clip = autocast_for(precision, device), cfg.optim.grad_clip
+    forward = model
+    if compiled:
+        from bench_train_engine import compile_open_clip
+
+        forward = compile_open_clip(model)
 
     def step(i: int) -> None:
         with autocast:
-            out = model(batch.images, batch.tokens)
+            out = forward(batch.images, batch.tokens)
             loss = sum(loss_fn(**out, output_dict=True).values())
         loss.backward()
         if clip > 0:
@@ -230,7 +259,7 @@ def build_open_clip_side(cfg, model_name: str, batch_size: int, device: torch.de
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    return Side("open_clip", step, sum(p.numel() for p in model.parameters()))
+    return Side("open_clip" + ("+compile" if compiled else ""), step, sum(p.numel() for p in model.parameters()))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -253,8 +282,11 @@ def run_step(side: Side, device: torch.device, record: bool) -> None:
 
 
 def warm_up(side: Side, steps: int, device: torch.device, before_bytes: int) -> None:
-    for _ in range(steps):
+    for i in range(steps):
+        t0 = time.perf_counter()
         run_step(side, device, record=False)
+        if i == 0:
+            side.first_step = time.perf_counter() - t0
     side.resident_bytes = allocated(device) - before_bytes  # parameters + optimizer state (+ EMA teacher)
 
 
@@ -269,13 +301,16 @@ def summarize(side: Side, batch: int, flops_per_sample: float, peak: float, devi
     median, mean = statistics.median(side.times), statistics.fmean(side.times)
     achieved = batch * flops_per_sample / median
     return {"samples_per_s": batch / median, "samples_per_s_mean": batch / mean, "step_time_median_s": median,
-            "step_time_mean_s": mean, "step_times_s": side.times, "achieved_flops_per_s": achieved,
+            "step_time_mean_s": mean, "step_times_s": side.times, "first_step_s": side.first_step,
+            "step_time_min_s": min(side.times), "samples_per_s_best": batch / min(side.times),
+            "achieved_flops_per_s": achieved,
             "mfu": achieved / peak if peak else None, "params": side.params,
             "peak_mem_bytes": side.resident_bytes + side.activation_peak if device.type == "cuda" else None}
 
 
 # ----------------------------------------------------------------------------- subcommand: train
 def cmd_train(args: argparse.Namespace) -> int:
+    from bench_train_engine import engines, print_table, ratios
     from train.mfu import peak_flops
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -285,8 +320,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = bench_config(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(args.precision, device)
-    notes = ["single process on one device; torch AdamW (train/optim.py groups) + torch clip_grad_norm_, "
-             "no DeepSpeed engine"]
+    batch_search = None
+    if args.batch == "auto":
+        args.batch, batch_search = auto_batch(cfg, device, precision, args)
+    variants = [False, True] if args.compile else [False]
+    notes = []
+    if "torch" in engines(args.engine):
+        notes.append("ours: single process on one device; torch AdamW (train/optim.py groups) + torch "
+                     "clip_grad_norm_, no DeepSpeed engine")
+    if "deepspeed" in engines(args.engine):
+        notes.append(f"ours[ds-z{cfg.deepspeed.zero_stage}]: the trainer's DeepSpeed engine on one rank "
+                     f"(train/deepspeed_config.py, ZeRO stage {cfg.deepspeed.zero_stage}), stepped as train/trainer.py")
+    if args.compile:
+        notes.append("+compile: ours with torch.compile per transformer block in place (model.compile=true, "
+                     "train/compile.py); open_clip with torch.compile(model) (its --torchcompile); "
+                     "first step = compile + one step")
 
     ref_name, ref_skipped = None, None
     if args.vs == "open_clip":
@@ -300,29 +348,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    before = allocated(device)
-    ours, objective = build_our_side(cfg, args.batch, device, precision)
-    warm_up(ours, args.warmup, device, before)
-    rss_after_ours = peak_rss_bytes()  # high-water mark before any reference model exists
-    sides = [ours]
+    sides, objective, rss_after_ours = [], None, 0
+    for engine in engines(args.engine):
+        for compiled in variants:
+            before = allocated(device)
+            side, objective = build_our_side(cfg, args.batch, device, precision, engine, compiled)
+            warm_up(side, args.warmup, device, before)
+            sides.append(side)
+            rss_after_ours = rss_after_ours or peak_rss_bytes()  # high-water mark before any other side exists
     if ref_name:
-        before = allocated(device)
-        ref = build_open_clip_side(cfg, open_clip_model_name(args), args.batch, device, precision)
-        warm_up(ref, args.warmup, device, before)
-        sides.append(ref)
-        notes.append("ours and open_clip alternate step by step (ABBA order) after separate warm-ups; "
-                     "samples/s from the median step time of each side; ratio = ours / open_clip")
+        for compiled in variants:
+            before = allocated(device)
+            ref = build_open_clip_side(cfg, open_clip_model_name(args), args.batch, device, precision, compiled)
+            warm_up(ref, args.warmup, device, before)
+            sides.append(ref)
+    if len(sides) > 1:
+        notes.append("the sides alternate step by step (order reversed every round) after separate warm-ups; "
+                     "samples/s from the median step time of each side; ratio a / b = samples/s of a over b")
     flops = objective.flops_per_sample()
     peak, peak_source = peak_flops(device, precision, cfg.logging.peak_flops)  # measured before timing on CPU
     time_alternating(sides, args.steps, device)
 
-    ours_result, *ref_results = [summarize(s, args.batch, flops, peak, device) for s in sides]
-    ref_result = ref_results[0] if ref_results else None
+    results = {s.name: summarize(s, args.batch, flops, peak, device) for s in sides}
+    ours_result = results[sides[0].name]
+    ref_result = results.get(ref_name) if ref_name else None
     if device.type != "cuda":
-        ours_result["peak_mem_bytes"] = rss_after_ours
-        notes.append("CPU memory: process peak RSS after our warm-up, before the reference was built")
+        for name, result in results.items():
+            result["peak_mem_bytes"] = rss_after_ours if name == sides[0].name else None
+        notes.append(f"CPU memory: process peak RSS after the warm-up of {sides[0].name}, before any other side "
+                     "was built")
     report: dict[str, Any] = {
-        **ours_result, "ref": ref_name, "ref_skipped": ref_skipped, "ref_result": ref_result,
+        **ours_result, "side": sides[0].name, "sides": results, "ratios": ratios(results, ref_name),
+        "ratios_best_step": ratios(results, ref_name, "samples_per_s_best"),
+        "engine": args.engine, "compile": args.compile, "zero_stage": cfg.deepspeed.zero_stage,
+        "ref": ref_name, "ref_skipped": ref_skipped, "ref_result": ref_result,
         "ref_samples_per_s": ref_result["samples_per_s"] if ref_result else None,
         "ratio": ours_result["samples_per_s"] / ref_result["samples_per_s"] if ref_result else None,
         "peak_mem_kind": ("cuda max_memory_allocated: params + optimizer state + activation peak of the side"
@@ -332,6 +391,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "open_clip_version": getattr(sys.modules.get("open_clip"), "__version__", None),
         "model": args.model or f"config:{args.config}", "objective": cfg.objective.name, "batch": args.batch,
+        "batch_search": batch_search,
         "precision": precision, "image_size": cfg.model.vision.image_size, "warmup": args.warmup, "steps": args.steps,
         "dino_crops": ([cfg.dino.n_global_crops, cfg.dino.global_crop_size, cfg.dino.n_local_crops,
                         cfg.dino.local_crop_size] if cfg.objective.name in DINO_OBJECTIVES else None),
@@ -339,7 +399,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "loadavg_start": list(load_before), "loadavg_end": list(os.getloadavg()),
         "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "notes": notes}
-    print_train_table(report, [ours_result, *ref_results], [s.name for s in sides])
+    print_table(report, [results[s.name] for s in sides], [s.name for s in sides])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -348,41 +408,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def auto_batch(cfg, device: torch.device, precision: str, args: argparse.Namespace) -> tuple[int, list[dict]]:
+    """`--batch auto`: the largest of --batch-candidates our eager step runs at within --mem-fraction of the GPU."""
+    from bench_train_engine import search_batch
+
+    cuda = device.type == "cuda"
+    limit = int(args.mem_fraction * torch.cuda.get_device_properties(device).total_memory) if cuda else None
+
+    def probe(batch: int) -> int:
+        side, _ = build_our_side(cfg, batch, device, precision)
+        if cuda:
+            torch.cuda.synchronize(device)
+        for _ in range(2):  # run_step resets the peak: the second step's peak includes the optimizer state
+            run_step(side, device, record=False)
+        return torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
+
+    batch, tried = search_batch(probe, args.batch_candidates, limit)
+    for t in tried:
+        peak = f", peak {t['peak_bytes'] / 2**30:.1f} GiB" if "peak_bytes" in t else ""
+        print(f"[bench] --batch auto: batch {t['batch']}: {t['result']}{peak}", file=sys.stderr, flush=True)
+    return batch, tried
+
+
+def batch_arg(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
+def candidates_arg(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return out
+
+
 def open_clip_model_name(args: argparse.Namespace) -> Optional[str]:
     """open_clip's registered name when our architecture is exactly the preset's (no --config, no model.* edits)."""
     edited = args.config or args.image_size not in (None, 224) or any(o.startswith("model.") for o in args.overrides)
     return None if edited or args.model is None else MODELS[args.model][1]
-
-
-def print_train_table(report: dict[str, Any], results: list[dict[str, Any]], names: list[str]) -> None:
-    def mem(v: Optional[int]) -> str:
-        return "-" if v is None else f"{v / 2**30:.2f} GiB"
-
-    rows = [("params (M)", lambda r: f"{r['params'] / 1e6:.1f}"),
-            ("step time median (s)", lambda r: f"{r['step_time_median_s']:.4f}"),
-            ("step time mean (s)", lambda r: f"{r['step_time_mean_s']:.4f}"),
-            ("samples/s (median)", lambda r: f"{r['samples_per_s']:.2f}"),
-            ("samples/s (mean)", lambda r: f"{r['samples_per_s_mean']:.2f}"),
-            ("achieved TFLOP/s", lambda r: f"{r['achieved_flops_per_s'] / 1e12:.4f}"),
-            ("MFU", lambda r: "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"),
-            ("peak memory", lambda r: mem(r["peak_mem_bytes"]))]
-    print(f"train-step benchmark: {report['model']} {report['objective']}, batch {report['batch']}, "
-          f"{report['precision']} on {report['device']} ({report['device_name']}, {report['threads']} threads), "
-          f"torch {report['torch_version']}")
-    print(f"{report['flops_per_sample'] / 1e9:.2f} GFLOP/sample (train), peak {report['peak_flops'] / 1e12:.3f} "
-          f"TFLOP/s ({report['peak_flops_source']}); {report['warmup']} warm-up + {report['steps']} timed steps per side")
-    if report["dino_crops"]:
-        g, gs, n, ls = report["dino_crops"]
-        print(f"DINO crops: {g} x {gs} px global + {n} x {ls} px local")
-    print(f"{'':24s}" + "".join(f"{n:>16s}" for n in names))
-    for label, fmt in rows:
-        print(f"{label:24s}" + "".join(f"{fmt(r):>16s}" for r in results))
-    if report["ratio"] is not None:
-        print(f"ratio ours / {report['ref']} (samples/s, medians): {report['ratio']:.3f}")
-    print(f"memory: {report['peak_mem_kind']}")
-    for note in report["notes"]:
-        print(f"note: {note}")
-    print(f"load average start {report['loadavg_start'][0]:.2f}, end {report['loadavg_end'][0]:.2f}")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -392,10 +462,21 @@ def add_parser(commands) -> None:
     train.add_argument("--model", choices=sorted(MODELS), default=None,
                        help="architecture preset (default vit_b16, or the --config file's model)")
     train.add_argument("--objective", choices=TRAIN_OBJECTIVES, default="clip")
-    train.add_argument("--batch", type=int, required=True, help="samples (images) per step")
+    train.add_argument("--batch", type=batch_arg, required=True,
+                       help="samples (images) per step, or 'auto': the largest of --batch-candidates that fits")
+    train.add_argument("--batch-candidates", type=candidates_arg,
+                       default=",".join(str(b) for b in DEFAULT_BATCH_CANDIDATES),
+                       help="--batch auto: comma-separated batches to try, largest first")
+    train.add_argument("--mem-fraction", type=float, default=0.75,
+                       help="--batch auto on a GPU: a batch whose probe peaks above this fraction of the GPU's "
+                            "memory is too big (the other sides need room too)")
     train.add_argument("--steps", type=int, default=5, help="timed steps per side")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (>= 1)")
     train.add_argument("--vs", choices=("open_clip",), default=None, help="also time a reference implementation")
+    train.add_argument("--compile", action="store_true",
+                       help="also time each side compiled (ours per block, open_clip's whole model); eager stays")
+    train.add_argument("--engine", choices=("torch", "deepspeed", "both"), default="torch",
+                       help="our step: torch AdamW outside any engine, the trainer's DeepSpeed engine, or both")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
     train.add_argument("--image-size", type=int, default=None, help="default: the model preset's")
@@ -412,5 +493,5 @@ def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.vs and args.objective not in ("clip", "siglip"):
         parser.error(f"--vs open_clip is not available for objective {args.objective}: open_clip has no "
                      "self-distillation training step; run it without --vs")
-    if args.warmup < 1 or args.steps < 1 or args.batch < 1:
+    if args.warmup < 1 or args.steps < 1 or (args.batch != "auto" and args.batch < 1):
         parser.error("--warmup, --steps and --batch must be >= 1 (warm-up creates the optimizer state)")

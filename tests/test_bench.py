@@ -55,6 +55,50 @@ def test_dino_without_reference(tmp_path: Path) -> None:
     assert report["dino_crops"] == [2, 64, 2, 24]  # 96 px at 224 scaled to 64 px, rounded to the patch (8)
 
 
+def test_engine_both_and_compile(tmp_path: Path) -> None:
+    """--engine both --compile: our step outside and inside the trainer's DeepSpeed engine, eager and compiled."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "engines.json"
+    proc = run_bench([*MICRO, "--objective", "clip", "--engine", "both", "--compile", "model.text.layers=1",
+                      "--json", str(out)])
+    report = read_report(proc, out)
+    check_common(report)
+    names = ["ours", "ours+compile", "ours[ds-z1]", "ours[ds-z1]+compile"]
+    assert list(report["sides"]) == names and report["side"] == "ours"
+    assert report["engine"] == "both" and report["compile"] is True and report["zero_stage"] == 1
+    for name in names:
+        side = report["sides"][name]
+        assert side["samples_per_s"] > 0 and len(side["step_times_s"]) == 2 and side["first_step_s"] > 0
+    ratios = report["ratios"]
+    assert set(ratios) == {"ours+compile / ours", "ours[ds-z1]+compile / ours[ds-z1]", "ours[ds-z1] / ours",
+                           "ours[ds-z1]+compile / ours+compile"}
+    assert ratios["ours[ds-z1] / ours"] == pytest.approx(report["sides"]["ours[ds-z1]"]["samples_per_s"]
+                                                         / report["sides"]["ours"]["samples_per_s"])
+    assert "ratio ours+compile / ours" in proc.stdout and "model.compile: " not in proc.stdout
+
+
+def test_dino_through_the_deepspeed_engine(tmp_path: Path) -> None:
+    """--engine deepspeed alone: the first (and only) side is the engine's; DINO's teacher and held groups run."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "dino_ds.json"
+    report = read_report(run_bench([*MICRO, "--objective", "dino", "--local-crops", "2", "--engine", "deepspeed",
+                                    "deepspeed.zero_stage=0", "--json", str(out)]), out)
+    check_common(report)
+    assert list(report["sides"]) == ["ours[ds-z0]"] and report["side"] == "ours[ds-z0]" and report["ratios"] == {}
+
+
+@pytest.mark.slow  # open_clip's whole-model compile: minutes on 2 cores
+def test_compile_vs_open_clip(tmp_path: Path) -> None:
+    pytest.importorskip("open_clip")
+    out = tmp_path / "compile_vs.json"
+    proc = run_bench([*MICRO, "--objective", "clip", "--compile", "--vs", "open_clip", "--json", str(out)])
+    report = read_report(proc, out)
+    assert list(report["sides"]) == ["ours", "ours+compile", "open_clip", "open_clip+compile"]
+    assert {"ours+compile / ours", "open_clip+compile / open_clip", "ours / open_clip",
+            "ours+compile / open_clip+compile"} <= set(report["ratios"])
+    assert report["ratio"] == pytest.approx(report["ratios"]["ours / open_clip"])
+
+
 def load_bench_module():
     if str(REPO / "launch") not in sys.path:
         sys.path.insert(0, str(REPO / "launch"))  # for its `import _bootstrap`
